@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, forecasting against baselines, sampling and FLOPs (not written yet)."""

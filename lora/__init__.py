@@ -1,0 +1,30 @@
+"""LoRA from scratch: low-rank adapters for frozen PyTorch models, interchangeable with peft's.
+
+Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a model),
+``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk).
+"""
+
+from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from lora.inject import disable_lora, find_linear_modules, inject_lora, lora_layers, mark_only_lora_trainable
+from lora.layer import LoRALinear
+from lora.merge import merge_and_unload, merge_lora, unmerge_lora
+from lora.parameters import count_parameters, print_trainable_parameters, trainable_parameters_line
+
+__all__ = [
+    "LoRALinear",
+    "adapter_config",
+    "adapter_state_dict",
+    "count_parameters",
+    "disable_lora",
+    "find_linear_modules",
+    "inject_lora",
+    "load_adapter",
+    "lora_layers",
+    "mark_only_lora_trainable",
+    "merge_and_unload",
+    "merge_lora",
+    "print_trainable_parameters",
+    "save_adapter",
+    "trainable_parameters_line",
+    "unmerge_lora",
+]

@@ -1,0 +1,217 @@
+"""Adapters on disk, in the format Hugging Face peft reads and writes.
+
+An adapter folder holds two files and nothing of the base model:
+
+- ``adapter_model.safetensors``: every A and B, under the key
+  ``base_model.model.<module path>.lora_A.weight`` (and ``.lora_B.weight``);
+- ``adapter_config.json``: ``peft_type``, ``task_type``, ``r``, ``lora_alpha``,
+  ``lora_dropout``, ``target_modules``, ``bias`` and ``base_model_name_or_path``.
+
+safetensors stores raw tensors, so loading an adapter never unpickles (never runs) anything.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+# peft wraps the model twice (PeftModel.base_model is a LoraModel, whose .model is yours).
+KEY_PREFIX = "base_model.model."
+
+# peft config fields that change what the weights mean, and the values that mean plain LoRA.
+PLAIN_LORA = {
+    "use_dora": (False, None),
+    "use_rslora": (False, None),
+    "fan_in_fan_out": (False, None),
+    "bias": ("none", None),
+    "modules_to_save": (None, []),
+    "rank_pattern": (None, {}),
+    "alpha_pattern": (None, {}),
+    "layers_to_transform": (None, []),
+    "exclude_modules": (None, []),
+}
+
+
+def adapter_key(module_name: str, matrix: str) -> str:
+    """peft's file key of ``matrix`` ("lora_A" or "lora_B") of the LoRA layer at ``module_name``."""
+    return f"{KEY_PREFIX}{module_name}.{matrix}.weight"
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA A and B of ``model`` under peft's key names (detached, not copied)."""
+    tensors = {}
+    for name, layer in lora_layers(model):
+        tensors[adapter_key(name, "lora_A")] = layer.lora_A.weight.detach()
+        tensors[adapter_key(name, "lora_B")] = layer.lora_B.weight.detach()
+    return tensors
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    """The ``adapter_config.json`` contents for the LoRA layers of ``model``.
+
+    ``target_modules`` is written as the short names (``["q_proj", "v_proj"]``) when those
+    select exactly the adapted layers, else as the full module names.
+
+    Raises:
+        ValueError: ``model`` has no LoRA layers, or its layers disagree on r, alpha or
+            dropout (peft's config holds one value of each).
+    """
+    layers = dict(lora_layers(model))
+    if not layers:
+        raise ValueError("the model has no LoRA layers to save; call inject_lora(model) first")
+    settings = {}
+    for field, attribute in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+        values = sorted({getattr(layer, attribute) for layer in layers.values()})
+        if len(values) > 1:
+            raise ValueError(f"LoRA layers have different {field} values {values}; one adapter file holds one")
+        settings[field] = values[0]
+
+    names = list(layers)
+    short = short_names(names)
+    selected = [name for name, _ in candidate_modules(model) if matches_target(name, short)]
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        **settings,
+        "target_modules": short if selected == names else names,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(temporary_path)`` in ``path``'s folder, then rename onto ``path``.
+
+    A crash midway leaves either the old file or the new one, never half of one.
+    """
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write the LoRA weights and config of ``model`` to ``folder`` (created if needed); return the folder.
+
+    The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``.
+    """
+    folder = Path(folder)
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = {key: tensor.contiguous() for key, tensor in adapter_state_dict(model).items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    return folder
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict:
+    """Read and check an ``adapter_config.json``; errors name the file and the field."""
+    path = Path(path)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load here")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise ValueError(f"{path}: field {field!r} is missing")
+    if not isinstance(config["target_modules"], (str, list)):
+        raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
+    for field, plain in PLAIN_LORA.items():
+        if config.get(field) not in plain:
+            raise ValueError(
+                f"{path}: {field} is {config[field]!r}; this library loads plain LoRA only ({field}: {plain[0]!r})"
+            )
+    return config
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
+    """Load an adapter folder (saved here or by peft) into ``model``; return the adapted module names.
+
+    A model without LoRA gets it injected first, with r, alpha, dropout and target
+    modules read from the config. A model that already has LoRA must have it on exactly
+    the adapter's modules, with the adapter's r and alpha. Everything is checked before
+    anything in ``model`` changes.
+
+    Raises:
+        FileNotFoundError: the folder or one of its two files is missing.
+        ValueError: a tensor is missing, unexpected or of the wrong shape; the config is
+            malformed or asks for something other than plain LoRA.
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such file; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME} "
+                "(written by save_adapter or peft's save_pretrained)"
+            )
+    config = read_adapter_config(config_path)
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+
+    r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
+    existing = dict(lora_layers(model))
+    if existing:
+        for name, layer in existing.items():
+            if layer.alpha != alpha:
+                raise ValueError(
+                    f"{config_path}: lora_alpha is {alpha} but {name} has alpha {layer.alpha}; "
+                    "load into a model without LoRA to take the adapter's settings"
+                )
+        expected = adapter_state_dict(model)
+        shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
+    else:
+        shapes = {}
+        for name in find_targets(model, config["target_modules"]):
+            linear = model.get_submodule(name)
+            shapes[adapter_key(name, "lora_A")] = (r, linear.in_features)
+            shapes[adapter_key(name, "lora_B")] = (linear.out_features, r)
+
+    for key in tensors:
+        if key not in shapes:
+            raise ValueError(f"{weights_path}: unexpected tensor {key}; the model has no LoRA layer of that name")
+    for key, shape in shapes.items():
+        if key not in tensors:
+            raise ValueError(f"{weights_path}: missing tensor {key}; the adapter was saved for other modules")
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(
+                f"{weights_path}: tensor {key} has shape {tuple(tensors[key].shape)} but the model needs {shape}; "
+                "the adapter was saved for another base model or another r"
+            )
+
+    if not existing:
+        inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout)
+    layers = dict(lora_layers(model))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            was_merged = layer.merged
+            layer.unmerge()  # a merged W holds the old ΔW: take it out before A and B change
+            layer.lora_A.weight.copy_(tensors[adapter_key(name, "lora_A")])
+            layer.lora_B.weight.copy_(tensors[adapter_key(name, "lora_B")])
+            if was_merged:
+                layer.merge()
+    return list(layers)

@@ -1,0 +1,145 @@
+"""Putting LoRA into a model: find layers by name, wrap them, freeze everything else.
+
+Module names are paths through the model, as ``model.named_modules()`` lists them. In the
+Llama and Qwen2 families the attention projections of layer N are called
+``model.layers.N.self_attn.q_proj`` (and ``k_proj``, ``v_proj``, ``o_proj``).
+"""
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from lora.layer import LoRALinear, check_hyperparameters
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Yield ``(name, layer)`` for every ``LoRALinear`` in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for the submodules a target name is matched against.
+
+    That is every named submodule except the insides of LoRA layers (their ``base_layer``,
+    ``lora_A`` and ``lora_B``), which are parts of an adapted layer, not targets themselves.
+    """
+    inside = None  # the name prefix of the LoRA layer being skipped; named_modules is pre-order
+    for name, module in model.named_modules():
+        if not name or (inside and name.startswith(inside)):
+            continue
+        if isinstance(module, LoRALinear):
+            inside = name + "."
+        yield name, module
+
+
+def find_linear_modules(model: nn.Module) -> list[str]:
+    """Full names of the ``nn.Linear`` modules of ``model`` that LoRA could target.
+
+    Layers already wrapped by LoRA are listed under their own name, not as ``....base_layer``.
+    """
+    return [name for name, module in candidate_modules(model) if isinstance(module, (nn.Linear, LoRALinear))]
+
+
+def matches_target(name: str, target_modules: str | Sequence[str]) -> bool:
+    """peft's matching rule for ``target_modules``.
+
+    A string is a regular expression that must match the whole module name; a list or
+    tuple matches a name equal to an entry or ending in ``"." + entry``.
+    """
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def short_names(names: Sequence[str]) -> list[str]:
+    """The distinct last components of ``names``, in order of first appearance."""
+    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in names))
+
+
+def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[str]:
+    """Full names of the modules ``inject_lora`` would replace, in model order; raises as it does."""
+    if isinstance(target_modules, str):
+        re.compile(target_modules)  # a bad pattern fails here, with re's own message
+    targets = []
+    for name, module in candidate_modules(model):
+        if not matches_target(name, target_modules):
+            continue
+        if isinstance(module, LoRALinear):
+            raise ValueError(f"{name} already has LoRA; inject once, or merge_and_unload(model) first")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(
+                f"{name} matches {target_modules!r} but is a {type(module).__name__}, not an nn.Linear; "
+                "LoRALinear wraps nn.Linear only: choose Linear targets (see find_linear_modules(model))"
+            )
+        targets.append(name)
+    if not targets:
+        available = ", ".join(short_names(find_linear_modules(model))) or "(none)"
+        raise ValueError(f"no module matches {target_modules!r}; Linear modules here end in: {available}")
+    return targets
+
+
+def inject_lora(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = ("q_proj", "v_proj"),
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Replace every targeted ``nn.Linear`` of ``model`` with a ``LoRALinear``, in place.
+
+    Then freeze every parameter that is not a LoRA A or B, so only the adapter trains.
+
+    Args:
+        model: any ``nn.Module``, usually a transformers causal LM.
+        target_modules: which layers to adapt, matched as peft does (see ``matches_target``).
+            The default, the query and value projections, is the LoRA paper's choice (§7.1).
+        r, alpha, dropout: passed to every ``LoRALinear``.
+
+    Returns:
+        The full names of the replaced modules, in model order.
+
+    Raises:
+        ValueError: nothing matches (the message lists the Linear names the model has),
+            a match already holds LoRA, or a hyperparameter is out of range.
+        TypeError: a match is not an ``nn.Linear`` (GPT-2's ``Conv1D``, say): only Linear
+            layers are supported.
+    """
+    check_hyperparameters(r, alpha, dropout)
+    targets = find_targets(model, target_modules)
+    for name in targets:
+        model.set_submodule(name, LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout), strict=True)
+    mark_only_lora_trainable(model)
+    return targets
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    """``requires_grad`` True on every LoRA A and B, False on every other parameter."""
+    model.requires_grad_(False)
+    for _, layer in lora_layers(model):
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+
+
+@contextmanager
+def disable_lora(model: nn.Module):
+    """Within this block ``model`` computes as its base model; LoRA is back on exit, even after an error.
+
+    Merged layers are unmerged for the block and merged again afterwards.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer for layer in layers if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        for layer in merged:
+            layer.merge()

@@ -1,0 +1,113 @@
+"""The LoRA layer: a frozen ``nn.Linear`` plus a trainable low-rank update.
+
+LoRA (Hu et al., 2021) freezes a pretrained weight W (out x in) and learns the
+update as a product of two thin matrices::
+
+    h = W x + b + (alpha / r) * B A x        A: (r, in), B: (out, r), r << min(in, out)
+
+Only A and B are trained: r * (in + out) parameters instead of in * out.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
+    """Raise ``ValueError`` naming the first LoRA hyperparameter that is out of range."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (the rank of B @ A), got {r!r}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (scaling = alpha / r), got {alpha!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * B(A(dropout(x)))``.
+
+    Shapes: ``(..., in_features) -> (..., out_features)``.
+
+    The frozen layer is held, not inherited from, as ``base_layer``; the update is
+    ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``, both without bias.
+    These names make the state-dict keys the ones Hugging Face peft reads and writes.
+
+    Args:
+        base: the pretrained layer to adapt. Its weight and bias are frozen here.
+        r: the rank of the update. Memory and compute of the adapter grow linearly with it.
+        alpha: the update is scaled by ``alpha / r``. Keeping alpha fixed while varying r
+            "reduces the need to retune hyperparameters when we vary r" (LoRA paper, §4.1).
+        dropout: dropout on the input of the low-rank path only; the base path sees x as is.
+
+    Raises:
+        TypeError: ``base`` is not an ``nn.Linear``.
+        ValueError: r <= 0, alpha <= 0, or dropout outside [0, 1).
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        check_hyperparameters(r, alpha, dropout)
+        self.base_layer = base.requires_grad_(False)
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+        self.scaling = alpha / r
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        # Identity rather than Dropout(0.0): the same module peft uses, and no wasted kernel.
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """A random (kaiming-uniform, as ``nn.Linear`` does), B zero.
+
+        B = 0 makes B @ A = 0, so training starts exactly at the pretrained model;
+        A random (not zero too) so that the gradient of B, which is proportional to
+        A x, is not zero and training can move away from that start.
+        """
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    @torch.no_grad()
+    def delta_weight(self) -> torch.Tensor:
+        """The update ΔW = (alpha / r) * B @ A, shape (out_features, in_features), in the base's dtype.
+
+        The product is taken in float32 even for a bf16 or fp16 base, so that merging
+        rounds once (when adding to W) rather than twice.
+        """
+        delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
+        return delta.to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + ΔW, so the forward is one matmul. A no-op when already merged.
+
+        Dropout is skipped while merged, so merge for inference, not for training.
+        """
+        if not self.merged:
+            self.base_layer.weight.add_(self.delta_weight())
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - ΔW, undoing ``merge``. A no-op when not merged.
+
+        Exact up to float rounding: in bf16 or fp16, W + ΔW - ΔW can differ from W in the last bit.
+        """
+        if self.merged:
+            self.base_layer.weight.sub_(self.delta_weight())
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

