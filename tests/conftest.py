@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from lora import inject_lora, lora_layers
+from lora import inject_lora, lora_layers, merge_and_unload
 from training.models import load_model, tiny_model
 
 TINY_MODELS = ("tiny-qwen2", "tiny-llama")
@@ -65,3 +66,12 @@ def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropo
             peft_layer.lora_A["default"].weight.copy_(mine.lora_A.weight)
             peft_layer.lora_B["default"].weight.copy_(mine.lora_B.weight)
     return ours, theirs
+
+
+@torch.no_grad()
+def logits_before_and_after_unloading(model, ids, folder):
+    """Logits on ``ids`` of ``model`` (with LoRA), then of the plain transformers model that
+    ``merge_and_unload(model).save_pretrained(folder)`` wrote, loaded back from ``folder``."""
+    before = model(ids).logits
+    merge_and_unload(model).save_pretrained(folder)
+    return before, AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits

@@ -5,12 +5,12 @@ import pickle
 
 import pytest
 import torch
+from conftest import randomize_lora, token_batch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-from conftest import randomize_lora, token_batch
-from lora import adapter_config, inject_lora, load_adapter, lora_layers, save_adapter
 from lora import adapter as adapter_module
+from lora import adapter_config, inject_lora, load_adapter, lora_layers, save_adapter
 from training.models import tiny_model
 
 

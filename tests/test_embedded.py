@@ -4,16 +4,14 @@ import copy
 
 import pytest
 import torch
+from conftest import logits_before_and_after_unloading, lora_and_peft, peft_lora, randomize_lora, token_batch
 from peft import PeftModel
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM
 
-from conftest import lora_and_peft, peft_lora, randomize_lora, token_batch
 from lora import (
     count_parameters,
     inject_lora,
     load_adapter,
-    merge_and_unload,
     print_trainable_parameters,
     save_adapter,
 )
@@ -68,10 +66,5 @@ def test_embedded_adapters_cross_load_both_ways(embedded_base, tmp_path):
 def test_embedded_merge_and_unload_reloads_in_plain_transformers(embedded, tmp_path):
     inject_lora(embedded)
     randomize_lora(embedded)
-    ids = token_batch(embedded, batch=1, length=16)
-    with torch.no_grad():
-        expected = embedded(ids).logits
-    merge_and_unload(embedded).save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        assert_close(reloaded(ids).logits, expected, rtol=1e-4, atol=1e-4)
+    before, after = logits_before_and_after_unloading(embedded, token_batch(embedded, batch=1, length=16), tmp_path)
+    assert_close(after, before, rtol=1e-4, atol=1e-4)

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from conftest import randomize_lora, token_batch
 from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import randomize_lora, token_batch
 from lora import (
     LoRALinear,
     count_parameters,
@@ -177,3 +177,19 @@ def test_bad_hyperparameters_are_rejected_before_anything_changes(tiny, kwargs, 
     with pytest.raises(ValueError, match=message):
         inject_lora(tiny, **kwargs)
     assert not list(lora_layers(tiny))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_model_trains_and_merges_in_its_dtype(tiny, dtype):
+    ids = token_batch(tiny)
+    model = tiny.to(dtype)
+    inject_lora(model, r=4, alpha=8)
+    randomize_lora(model)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    model(ids, labels=ids).loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        unmerged = model(ids).logits.float()
+        merged = merge_lora(model)(ids).logits.float()
+    assert_close(merged, unmerged, rtol=0.05, atol=0.05)

@@ -8,10 +8,10 @@ import copy
 
 import pytest
 import torch
+from conftest import lora_and_peft, peft_lora, token_batch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch.testing import assert_close
 
-from conftest import lora_and_peft, peft_lora, token_batch
 from lora import inject_lora, load_adapter, print_trainable_parameters, save_adapter
 
 EXACT = dict(rtol=0, atol=0)

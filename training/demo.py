@@ -27,9 +27,9 @@ EXCHANGE = [
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=EMBEDDED, help="model name, Hugging Face id or folder (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=8, help="AdamW steps on the example (default: %(default)s)")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo/adapter"), help="adapter folder (default: %(default)s)")
+    parser.add_argument("--model", default=EMBEDDED, help="model name, Hugging Face id or folder (%(default)s)")
+    parser.add_argument("--steps", type=int, default=8, help="AdamW steps on the example (%(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo/adapter"), help="adapter folder (%(default)s)")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")

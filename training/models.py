@@ -108,7 +108,7 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32):
     if name in TINY_CONFIGS:
         return tiny_model(name, dtype=dtype), char_tokenizer()
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        raise FileNotFoundError(f"{name}: this folder has no config.json; a model folder holds config.json and the weights")
+        raise FileNotFoundError(f"{name}: this folder has no config.json; a model folder holds it and the weights")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
