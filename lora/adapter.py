@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
+from lora.layer import check_hyperparameters
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -102,6 +103,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())  # on disk before the rename makes it the real file
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -136,6 +139,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     for field in ("r", "lora_alpha", "target_modules"):
         if field not in config:
             raise ValueError(f"{path}: field {field!r} is missing")
+    try:
+        check_hyperparameters(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
     if not isinstance(config["target_modules"], (str, list)):
         raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
     for field, plain in PLAIN_LORA.items():

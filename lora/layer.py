@@ -9,6 +9,7 @@ Only A and B are trained: r * (in + out) parameters instead of in * out.
 """
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -16,12 +17,16 @@ from torch import nn
 
 def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
     """Raise ``ValueError`` naming the first LoRA hyperparameter that is out of range."""
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+    if not _is_number(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive integer (the rank of B @ A), got {r!r}")
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0 (scaling = alpha / r), got {alpha!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if not _is_number(alpha, numbers.Real) or not alpha > 0:
+        raise ValueError(f"alpha must be a number > 0 (scaling = alpha / r), got {alpha!r}")
+    if not _is_number(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+
+
+def _is_number(value, types) -> bool:
+    return isinstance(value, types) and not isinstance(value, bool)
 
 
 class LoRALinear(nn.Module):
@@ -51,13 +56,14 @@ class LoRALinear(nn.Module):
             raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
         check_hyperparameters(r, alpha, dropout)
         self.base_layer = base.requires_grad_(False)
-        self.r = r
-        self.alpha = alpha
-        self.dropout = dropout
-        self.scaling = alpha / r
+        # Plain Python numbers (not numpy's), so the adapter config can be written as JSON.
+        self.r = int(r)
+        self.alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
+        self.dropout = float(dropout)
+        self.scaling = self.alpha / self.r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, **factory)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, **factory)
+        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, **factory)
+        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, **factory)
         # Identity rather than Dropout(0.0): the same module peft uses, and no wasted kernel.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

@@ -194,6 +194,8 @@ def test_malformed_config_names_the_line(saved):
         ("use_dora", True, "use_dora is True; this library loads plain LoRA only"),
         ("bias", "all", "bias is 'all'"),
         ("target_modules", 3, "target_modules must be a list"),
+        ("r", 0, "adapter_config.json: r must be a positive integer"),
+        ("lora_alpha", "16", "adapter_config.json: alpha must be a number > 0"),
     ],
 )
 def test_config_field_that_cannot_load_is_named(saved, field, value, message):

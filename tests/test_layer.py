@@ -154,10 +154,11 @@ def test_bfloat16_merge_then_unmerge_is_close():
         (dict(r=0, alpha=8), "r must be a positive integer"),
         (dict(r=-2, alpha=8), "r must be a positive integer"),
         (dict(r=2.5, alpha=8), "r must be a positive integer"),
-        (dict(r=4, alpha=0), "alpha must be > 0"),
-        (dict(r=4, alpha=-1), "alpha must be > 0"),
-        (dict(r=4, alpha=8, dropout=1.0), r"dropout must be in \[0, 1\)"),
-        (dict(r=4, alpha=8, dropout=-0.1), r"dropout must be in \[0, 1\)"),
+        (dict(r=4, alpha=0), "alpha must be a number > 0"),
+        (dict(r=4, alpha=-1), "alpha must be a number > 0"),
+        (dict(r=4, alpha=float("nan")), "alpha must be a number > 0"),
+        (dict(r=4, alpha=8, dropout=1.0), r"dropout must be a number in \[0, 1\)"),
+        (dict(r=4, alpha=8, dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_hyperparameters_are_rejected(kwargs, message):
