@@ -54,3 +54,11 @@ def test_unknown_model_id_fails_in_one_line_without_downloading():
 def test_folder_without_config_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="this folder has no config.json"):
         load_model(str(tmp_path))
+
+
+def test_tiny_model_leaves_the_global_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    tiny_model("tiny-llama", seed=5)
+    assert_close(torch.rand(3), expected, rtol=0, atol=0)

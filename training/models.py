@@ -67,8 +67,9 @@ def tiny_model(name: str = "tiny-qwen2", seed: int = 0, dtype: torch.dtype = tor
     if name not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_CONFIGS)}")
     config = TINY_CONFIGS[name](**TINY_SHAPE, tie_word_embeddings=name == "tiny-qwen2")
-    torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.random.fork_rng():  # seed the weights without resetting the caller's random state
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def embedded_model_file() -> Path:
