@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("[0-9][0-9]_*.md"))
-# Chapters that load the embedded model (about 20 s) run with the slow tests.
-SLOW = {"02_targets_and_injection.md"}
+# Chapters that load the embedded model or its tokenizer run with the slow tests.
+SLOW = {"02_targets_and_injection.md", "03_data.md"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
