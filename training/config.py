@@ -1,0 +1,172 @@
+"""The training run's settings: one dataclass, with a line of advice on every default.
+
+The command line is generated from the dataclass, so ``python -m training.loop --help`` lists
+every field with its default, and nothing can be set in one place and missed in the other.
+``--config run.json`` loads settings from a file (a run's own ``config.json`` works); flags
+given next to it override the file.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+TASKS = ("llmtime", "instruct")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def option(default, advice: str):
+    """A dataclass field whose ``advice`` becomes its ``--help`` text."""
+    return field(default=default, metadata={"help": advice})
+
+
+@dataclass
+class TrainConfig:
+    # What to train.
+    model: str = option("smollm2-135m-instruct", "model name (smollm2-135m-instruct, tiny-qwen2, tiny-llama), "
+                        "Hugging Face id or local folder; nothing is downloaded")
+    task: str = option("llmtime", "llmtime: forecast predator-prey series; instruct: follow instructions")
+    data: str | None = option(None, "llmtime: a .npz from save_dataset; instruct: Alpaca .json or .jsonl; "
+                              "default: simulated series / the embedded generated tasks")
+    # The adapter.
+    targets: str = option("q_proj,v_proj", "comma-separated module names to adapt; q and v are the LoRA paper's "
+                          "choice for a small budget")
+    r: int = option(8, "rank of B·A; 8 is plenty for one narrow task, raise it only if the loss plateaus high")
+    alpha: float = option(16.0, "scaling is alpha / r; keep alpha = 2 r and retune nothing when r changes")
+    dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
+    # The optimisation.
+    lr: float = option(1e-3, "peak learning rate; LoRA tolerates ~10x the rate of full fine-tuning")
+    min_lr: float = option(1e-4, "learning rate at the end of the cosine decay; about a tenth of lr")
+    warmup_steps: int = option(10, "linear warm-up from 0; a few percent of the steps avoids an early blow-up")
+    weight_decay: float = option(0.0, "AdamW weight decay on A and B; 0 is usual for LoRA")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
+    batch_size: int = option(2, "sequences per micro-batch; memory grows with batch_size x max_length")
+    grad_accum: int = option(1, "micro-batches per optimizer step; raises the effective batch at no memory cost")
+    max_steps: int = option(150, "optimizer steps; about 3.5 s each for the default model on 2 CPU cores")
+    epochs: float = option(0.0, "if > 0, train this many passes over the data instead of max_steps")
+    max_length: int = option(512, "tokens per training window; the model's context while training")
+    stride: int = option(256, "tokens between window starts; max_length - stride tokens overlap")
+    # Watching, saving, repeating.
+    eval_every: int = option(50, "validate every this many steps (and at step 0 and the end)")
+    eval_batches: int = option(8, "validation micro-batches per evaluation, the same ones every time")
+    early_stop: int = option(0, "stop after this many evaluations without a new best; 0 never stops early")
+    checkpoint_every: int = option(50, "write a resumable checkpoint every this many steps")
+    log_every: int = option(1, "append to metrics.jsonl every this many steps")
+    precision: str = option("auto", "auto: bf16 autocast where the device supports it (fp16 + scaler on older "
+                            "GPUs), else fp32")
+    gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
+                                          "about a third more time")
+    seed: int = option(0, "seeds data order, initialisation and dropout: same seed and settings, same losses")
+    out: str = option("runs", "folder that holds one subfolder per run")
+    name: str | None = option(None, "run folder name; default: <task>-<date>-<time>")
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value cannot work."""
+        positive = ("r", "batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches",
+                    "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        checks = [
+            (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.precision in PRECISIONS,
+             f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),
+            (0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}"),
+            (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
+            (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
+            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),
+            (1 <= self.stride <= self.max_length, f"--stride must be in [1, max_length={self.max_length}], "
+                                                  f"got {self.stride}"),
+            (self.early_stop >= 0, f"--early-stop must be >= 0, got {self.early_stop}"),
+            (bool(self.target_modules), "--targets must name at least one module"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [name.strip() for name in self.targets.split(",") if name.strip()]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def build_parser(prog: str = "python -m training.loop") -> argparse.ArgumentParser:
+    """One ``--flag`` per ``TrainConfig`` field (underscores become dashes), plus ``--config`` and ``--resume``."""
+    parser = OneLineParser(prog=prog, description="Fine-tune a causal LM with LoRA, in plain PyTorch.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, help="a JSON file of settings; flags override it")
+    parser.add_argument("--resume", type=Path, help="a run folder to continue from its last checkpoint")
+    for spec in fields(TrainConfig):
+        flag = "--" + spec.name.replace("_", "-")
+        kind = {int: int, float: float, bool: _parse_bool}.get(spec.type, str)
+        # SUPPRESS: only flags actually given override --config; the defaults come from the dataclass.
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=spec.name.upper(),
+                            help=f"{spec.metadata['help']} (default: {spec.default})")
+    return parser
+
+
+def config_from_file(path: Path) -> dict:
+    """The settings in a JSON file; errors name the file and the line or field."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of settings")
+    known = {spec.name for spec in fields(TrainConfig)}
+    for key in values:
+        if key not in known:
+            raise ValueError(f"{path}: unknown setting {key!r}; see python -m training.loop --help")
+    return values
+
+
+def parse_config(argv=None) -> tuple[TrainConfig, Path | None]:
+    """``(config, resume_folder)`` from the command line; bad input raises ``ValueError`` naming the field.
+
+    With ``--resume runs/NAME`` the run's own ``config.json`` is the base, so the run continues
+    with the settings it started with; flags may still change some (``--max-steps``, say).
+    """
+    args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
+    config_path, resume = args.pop("config"), args.pop("resume")
+    values = {}
+    if resume is not None:
+        config_path = config_path or resume / "config.json"
+        if not (resume / "config.json").is_file():
+            raise ValueError(f"{resume}: not a run folder (no config.json); --resume takes runs/<name>")
+    if config_path is not None:
+        values.update(config_from_file(config_path))
+    values.update(args)
+    config = TrainConfig(**values)
+    for spec in fields(TrainConfig):  # a config file can hold any JSON type; flags are typed by argparse
+        value = getattr(config, spec.name)
+        accepted = {int: (int,), float: (int, float), bool: (bool,)}.get(spec.type, (str, type(None)))
+        if not isinstance(value, accepted) or (isinstance(value, bool) and spec.type is not bool):
+            raise ValueError(f"setting {spec.name!r} must be {getattr(spec.type, '__name__', 'a string')}, "
+                             f"got {value!r}")
+    config.validate()
+    return config, resume
