@@ -21,7 +21,7 @@ from training import loop
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.config import TrainConfig, build_parser, parse_config
 from training.loop import main, train
-from training.models import load_model, tiny_model
+from training.models import char_tokenizer, load_model, tiny_model
 from training.schedule import get_lr
 
 ROOT = Path(__file__).parent.parent
@@ -309,3 +309,37 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_pat
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     step, _ = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", model, optimizer)
     assert step == 2
+
+
+def test_training_stops_after_early_stop_evaluations_without_a_new_best(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(loop, "evaluate", lambda *args: 1.0)  # the validation loss never improves
+    assert main(run_args(tmp_path, "--max-steps", "10", "--eval-every", "2", "--early-stop", "2")) == 0
+    assert "early stop at step 4" in capsys.readouterr().out
+    assert sorted(metrics(tmp_path / "run", "loss")) == [1, 2, 3, 4]
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    from training.instructions import generate_tasks, save_instructions
+    from training.tasks import instruct_task
+
+    data = save_instructions(generate_tasks(40, seed=0), tmp_path / "tasks.json")
+    summary = train(parse_config(run_args(tmp_path, "--task", "instruct", "--data", str(data), "--epochs", "2",
+                                          "--max-length", "128"))[0])
+    n_train = len(instruct_task(char_tokenizer(), str(data), max_length=128).train)
+    assert summary["steps"] == 2 * math.ceil(n_train / 4)  # batch size 4, no accumulation
+
+
+def test_precision_auto_is_bf16_where_the_cpu_has_it_and_fp16_needs_a_gpu():
+    cpu = torch.device("cpu")
+    expected = "bf16" if loop.cpu_supports_bf16() else "fp32"
+    assert loop.choose_precision("auto", cpu).name == expected
+    assert loop.choose_precision("fp32", cpu).scaler is None
+    with pytest.raises(loop.BadInput, match="--precision fp16 needs a CUDA GPU"):
+        loop.choose_precision("fp16", cpu)
+
+
+def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    assert main(run_args(tmp_path, "--max-steps", "1")) == 0
+    assert "note: no loss.png: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
+    assert not (tmp_path / "run" / "loss.png").exists()
