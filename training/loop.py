@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval.perplexity import summed_token_nll
 from lora import inject_lora, save_adapter, trainable_parameters_line
 from lora.adapter import write_atomically
 from training.checkpoint import load_checkpoint, save_checkpoint
@@ -103,14 +104,8 @@ def evaluate(model, batches: list[dict], device, precision: Precision) -> float:
     total, count = 0.0, 0
     for batch in batches:
         batch = {key: value.to(device) for key, value in batch.items()}
-        with autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # Shift: position t predicts token t + 1.
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        total += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"
-        ).item()
-        count += (labels != -100).sum().item()
+        nll, n = summed_token_nll(model, batch, autocast=lambda: autocast(device, precision))
+        total, count = total + nll, count + n
     model.train()
     return total / max(count, 1)
 

@@ -1,0 +1,118 @@
+"""Perplexity: how surprised the model is by text, token by token.
+
+    perplexity = exp( mean over predicted tokens of  -log p(token | the tokens before it) )
+
+A perplexity of k means the model is, on average, as unsure as a uniform choice among k
+tokens. Only labelled tokens count: padding (label -100) never does, and for *conditional*
+perplexity neither does the prompt, so an instruction example is scored on its answer given
+its prompt, as it was trained.
+
+    python -m eval.perplexity --task instruct --adapter runs/NAME/adapter
+    python -m eval.perplexity --task llmtime                 # the base model on held-out systems
+"""
+
+import argparse
+import math
+import sys
+from contextlib import nullcontext
+
+import torch
+from torch.nn import functional as F
+
+from lora import load_adapter
+from training.collate import PadCollator
+from training.instructions import generate_tasks, load_instructions, split, tokenize_examples
+from training.lotka_volterra import create_dataset, load_dataset
+from training.models import EMBEDDED, load_model
+from training.sequences import IGNORE_INDEX, pad_token_id
+from training.tasks import DATASET_SEED, GENERATED_TASKS, series_texts, windows
+
+
+def summed_token_nll(model, batch: dict[str, torch.Tensor], autocast=nullcontext) -> tuple[float, int]:
+    """``(sum of -log p over the labelled tokens, how many)`` for one padded batch.
+
+    Position t predicts token t + 1, so the logits drop their last position and the labels
+    their first (the shift transformers applies inside ``model(..., labels=...)``).
+    """
+    with autocast():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((labels != IGNORE_INDEX).sum())
+
+
+def unconditional(example: dict) -> dict:
+    """The example with every real token labelled (the prompt too); padding stays -100."""
+    ids, mask = torch.as_tensor(example["input_ids"]), torch.as_tensor(example["attention_mask"])
+    return {**example, "labels": torch.where(mask.bool(), ids, IGNORE_INDEX)}
+
+
+@torch.no_grad()
+def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, conditional: bool = True) -> dict:
+    """Perplexity of ``model`` over ``examples`` (dicts of input_ids, attention_mask, labels).
+
+    Args:
+        conditional: True scores only the labelled tokens (for instruction examples, the
+            answer given the prompt); False scores every real token, prompt included.
+
+    Returns:
+        ``{"loss": mean negative log-likelihood per token, "perplexity": exp(loss), "tokens": count}``.
+        The mean is over tokens, not over batches, so the batch size does not change it.
+    """
+    if not examples:
+        raise ValueError("no examples to score")
+    if not conditional:
+        examples = [unconditional(example) for example in examples]
+    collate = PadCollator(pad_id)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
+        nll, n = summed_token_nll(model, batch)
+        total, count = total + nll, count + n
+    model.train(was_training)
+    loss = total / count
+    return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
+
+
+def held_out_examples(task: str, tokenizer, data: str | None, max_length: int) -> list[dict]:
+    """The test split of a task: held-out Lotka-Volterra systems, or the test part of the instruction split."""
+    if task == "llmtime":
+        dataset = load_dataset(data) if data else create_dataset(seed=DATASET_SEED)
+        return windows(series_texts(dataset.split("test")), tokenizer, max_length, max_length // 2)
+    records = load_instructions(data) if data else generate_tasks(GENERATED_TASKS, seed=DATASET_SEED)
+    return tokenize_examples(split(records)[2], tokenizer, max_length)[0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=EMBEDDED, help="model name, Hugging Face id or folder (%(default)s)")
+    parser.add_argument("--adapter", help="an adapter folder (save_adapter / peft); default: the base model")
+    parser.add_argument("--task", choices=("llmtime", "instruct"), default="llmtime", help="(%(default)s)")
+    parser.add_argument("--data", help="llmtime: a .npz; instruct: .json/.jsonl; default: the embedded data")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per example (%(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="(%(default)s)")
+    parser.add_argument("--limit", type=int, default=64, help="score the first N held-out examples (%(default)s)")
+    parser.add_argument("--unconditional", action="store_true", help="score the prompt tokens too")
+    args = parser.parse_args(argv)
+    try:
+        model, tokenizer = load_model(args.model)
+        if args.adapter:
+            load_adapter(model, args.adapter)
+        examples = held_out_examples(args.task, tokenizer, args.data, args.max_length)[: args.limit]
+        result = perplexity(model, examples, pad_token_id(tokenizer), args.batch_size,
+                            conditional=not args.unconditional)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    kind = "unconditional" if args.unconditional else "conditional"
+    print(f"{args.task} test, {len(examples)} examples, {result['tokens']:,} tokens ({kind}): "
+          f"loss {result['loss']:.4f}, perplexity {result['perplexity']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
