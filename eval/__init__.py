@@ -1,1 +1,1 @@
-"""Evaluation: perplexity, forecasting against baselines, sampling and FLOPs (not written yet)."""
+"""Evaluation: perplexity, sampling from scratch, forecasting against baselines, exact match, FLOPs."""

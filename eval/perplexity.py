@@ -19,11 +19,10 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
-from lora import load_adapter
+from eval.cli import add_model_arguments, load_model_and_adapter
 from training.collate import PadCollator
 from training.instructions import generate_tasks, load_instructions, split, tokenize_examples
 from training.lotka_volterra import create_dataset, load_dataset
-from training.models import EMBEDDED, load_model
 from training.sequences import IGNORE_INDEX, pad_token_id
 from training.tasks import DATASET_SEED, GENERATED_TASKS, series_texts, windows
 
@@ -89,8 +88,7 @@ def held_out_examples(task: str, tokenizer, data: str | None, max_length: int) -
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.perplexity", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=EMBEDDED, help="model name, Hugging Face id or folder (%(default)s)")
-    parser.add_argument("--adapter", help="an adapter folder (save_adapter / peft); default: the base model")
+    add_model_arguments(parser)
     parser.add_argument("--task", choices=("llmtime", "instruct"), default="llmtime", help="(%(default)s)")
     parser.add_argument("--data", help="llmtime: a .npz; instruct: .json/.jsonl; default: the embedded data")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example (%(default)s)")
@@ -99,9 +97,7 @@ def main(argv=None) -> int:
     parser.add_argument("--unconditional", action="store_true", help="score the prompt tokens too")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer = load_model(args.model)
-        if args.adapter:
-            load_adapter(model, args.adapter)
+        model, tokenizer = load_model_and_adapter(args)
         examples = held_out_examples(args.task, tokenizer, args.data, args.max_length)[: args.limit]
         result = perplexity(model, examples, pad_token_id(tokenizer), args.batch_size,
                             conditional=not args.unconditional)

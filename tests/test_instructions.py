@@ -190,6 +190,13 @@ def test_bad_json_record_names_the_file_and_record(tmp_path, bad, message):
         load_instructions(path)
 
 
+def test_binary_file_is_named_as_not_instruction_data(tmp_path):
+    path = tmp_path / "series.npz"
+    path.write_bytes(b"PK\x03\x04\x80\xff binary, as a .npz of series is")
+    with pytest.raises(ValueError, match=r"series\.npz: not a text file; instruction data is Alpaca \.json or \.jsonl"):
+        load_instructions(path)
+
+
 def test_malformed_json_list_names_the_line(tmp_path):
     path = tmp_path / "data.json"
     path.write_text(f'[\n{GOOD_LINE},\n{{"instruction": "x",,}}\n]\n')

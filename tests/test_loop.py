@@ -126,7 +126,7 @@ def test_data_file_of_the_wrong_task_is_one_line_exit_2(tmp_path, capsys):
     wrong = tmp_path / "tasks.jsonl"
     wrong.write_text('{"instruction": "a", "input": "", "output": "b"}\n')
     assert main(run_args(tmp_path / "runs", "--data", str(wrong))) == 2
-    assert "not a readable .npz file" in capsys.readouterr().err
+    assert "tasks.jsonl: not a readable .npz file; series data is the .npz" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
@@ -343,3 +343,13 @@ def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch, c
     assert main(run_args(tmp_path, "--max-steps", "1")) == 0
     assert "note: no loss.png: matplotlib is not installed (pip install matplotlib)" in capsys.readouterr().out
     assert not (tmp_path / "run" / "loss.png").exists()
+
+
+def test_metrics_log_cumulative_training_flops(tmp_path):
+    from eval.flops import flops_of_model
+
+    assert main(run_args(tmp_path, "--max-steps", "3")) == 0
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    per_step = 4 * flops_of_model(model, 64).total  # batch 4 windows of 64 tokens each step
+    assert metrics(tmp_path / "run", "flops") == {1: per_step, 2: 2 * per_step, 3: 3 * per_step}

@@ -75,13 +75,17 @@ def load_instructions(path: str | os.PathLike) -> list[dict]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: malformed JSON, a record that is not an object, or a missing or
+        ValueError: not UTF-8 text, malformed JSON, a record that is not an object, or a missing or
             non-string field; the message names the file and the line (JSONL) or record (JSON).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; write one with save_instructions(generate_tasks(n), path)")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; instruction data is Alpaca .json or .jsonl "
+                         "(a .npz of series is for the llmtime task)") from None
 
     if path.suffix == ".jsonl":
         records = []

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from eval.flops import flops_of_model, format_flops
 from eval.perplexity import summed_token_nll
 from lora import inject_lora, save_adapter, trainable_parameters_line
 from lora.adapter import write_atomically
@@ -184,7 +185,7 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
     # 5. The run folder: new, or the one being resumed.
     run = resume or Path(config.out) / (config.name or f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     metrics_path, checkpoint_path = run / "metrics.jsonl", run / "checkpoint.safetensors"
-    step, best, evals_since_best, history, last_checkpoint = 0, math.inf, 0, {}, None
+    step, best, evals_since_best, history, last_checkpoint, flops = 0, math.inf, 0, {}, None, 0.0
     if resume is not None:
         try:
             step, extra = load_checkpoint(checkpoint_path, model, optimizer)
@@ -192,6 +193,7 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
             raise BadInput(str(error)) from None
         last_checkpoint = step
         best, evals_since_best, history = extra["best"], extra["evals_since_best"], extra["history"]
+        flops = extra.get("flops", 0.0)
         if precision.scaler is not None and extra.get("scaler"):
             precision.scaler.load_state_dict(extra["scaler"])
         keep_metrics_up_to(metrics_path, step)
@@ -210,7 +212,8 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         nonlocal last_checkpoint
         last_checkpoint = step
         save_checkpoint(checkpoint_path, model, optimizer, step, best=best, evals_since_best=evals_since_best,
-                        history=history, scaler=precision.scaler.state_dict() if precision.scaler else None)
+                        history=history, flops=flops,
+                        scaler=precision.scaler.state_dict() if precision.scaler else None)
 
     def validate():
         nonlocal best, evals_since_best
@@ -222,6 +225,21 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         else:
             evals_since_best += 1
         return loss
+
+    # Matmul FLOPs of training, counted from the model's shape (eval/flops.py), per padded length.
+    flops_per_sequence = {}
+
+    def batch_flops(batch) -> float:
+        rows, length = batch["input_ids"].shape
+        if length not in flops_per_sequence:
+            flops_per_sequence[length] = flops_of_model(model, length).total
+        return rows * flops_per_sequence[length]
+
+    try:
+        batch_flops({"input_ids": torch.zeros(1, config.max_length)})
+    except ValueError as error:  # targets the analytic count does not model (not in every layer, say)
+        print(f"note: FLOPs are not counted: {error}")
+        batch_flops = None
 
     if step == 0:
         validate()
@@ -250,6 +268,7 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
             (precision.scaler.scale(loss) if precision.scaler else loss).backward()
             step_loss += loss.item()
             window_tokens += int(batch["attention_mask"].sum())
+            flops += batch_flops(batch) if batch_flops else 0.0
 
         # 6b. Clip the gradient norm, step AdamW, clear the gradients.
         if precision.scaler:
@@ -270,7 +289,7 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         bar.update(1)
         if step % config.log_every == 0 or step == max_steps:
             append_metrics(metrics_path, {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens_per_second": tokens_per_second})
+                                          "tokens_per_second": tokens_per_second, "flops": flops})
         tokens_seen += window_tokens
         stop_early = False
         if step % config.eval_every == 0 or step == max_steps:
@@ -291,13 +310,15 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         "steps": step,
         "seconds": round(time.perf_counter() - start_time, 1),
         "tokens": tokens_seen,
+        "flops": flops,
         "val_loss_start": history.get("0"),
         "val_loss_end": history.get(str(step)),
         "run": str(run),
         "adapter": str(run / "adapter"),
         "loss_png": str(run / "loss.png") if plotted else None,
     }
-    print(f"done: {summary['steps']} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session; "
+    print(f"done: {summary['steps']} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session, "
+          f"{format_flops(flops)}FLOP of matmuls in all; "
           f"validation loss {summary['val_loss_start']:.4f} at step 0 -> {summary['val_loss_end']:.4f} at step {step}")
     print(f"saved: {run}/adapter (peft format), {run}/metrics.jsonl, {run}/checkpoint.safetensors"
           + (f", {run}/loss.png" if plotted else ""))

@@ -227,8 +227,10 @@ def load_dataset(path: str | os.PathLike) -> LotkaVolterraData:
         raise FileNotFoundError(f"{path}: no such file; write it with save_dataset(create_dataset(), path)")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
-        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    except (ValueError, OSError, EOFError):
+        # numpy reads a file that is not .npy/.npz as a pickle, and refuses: say what the file should be.
+        raise ValueError(f"{path}: not a readable .npz file; series data is the .npz that save_dataset writes "
+                         "(instruction data, .json or .jsonl, is for the instruct task)") from None
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: holds a single array, not the .npz archive that save_dataset writes")
     with archive:

@@ -1,0 +1,381 @@
+"""Sampling text from a causal language model, written out: temperature, top-k, top-p, and the KV cache.
+
+A language model gives, for every position, logits over the vocabulary: unnormalized scores
+whose softmax is the distribution of the next token. Generating is a loop: pick a token from
+the last position's distribution, append it, run the model again. How the token is picked:
+
+- greedy (temperature 0): the most probable token, ``argmax(logits)``. Deterministic.
+- temperature T: sample from ``softmax(logits / T)``. T < 1 sharpens the distribution towards
+  the likeliest tokens, T > 1 flattens it.
+- top-k: sample only among the k most probable tokens.
+- top-p (nucleus sampling, Holtzman et al., 2019): sample only among the smallest set of most
+  probable tokens whose probabilities add up to at least p. The set is small where the model
+  is sure and large where it is not, which a fixed k cannot do.
+
+They apply in transformers' order: temperature, then top-k, then top-p. A filter sets the
+logits of the tokens it removes to -inf, so softmax gives them probability exactly 0.
+
+The source material samples with temperature 0.7 and top-p 0.9, and so does the command below
+by default; ``generate`` itself defaults to greedy, which the tests compare with transformers.
+
+The KV cache: attention at a new position needs the keys and values of every earlier position.
+They do not change once computed, so the model keeps them (its ``cache``) and each step feeds
+only the one new token (``forward_with_cache``): a step costs one position's work, not the whole
+sequence's.
+
+    python -m eval.generate --prompt "Name three primary colours."
+    python -m eval.generate --prompt "..." --adapter runs/demo/adapter --temperature 0
+    python -m eval.generate --novel --adapter runs/demo/adapter   # unseen instructions, base vs adapter
+"""
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from eval.cli import add_model_arguments, load_model_and_adapter
+from lora import disable_lora
+from training.sequences import pad_token_id
+
+# Out-of-distribution instructions for --novel: nothing like them is in the training data, so the
+# adapter's answers show what fine-tuning did to the model's general behaviour.
+NOVEL_INSTRUCTIONS = (
+    "Write a haiku about autumn.",
+    "Tell me a riddle and then give its answer.",
+    "Translate into French: The cat is sleeping on the warm windowsill.",
+    "Write a two-day travel guide for Paris.",
+    "Is 97 a prime number? Explain briefly.",
+)
+
+
+# --- Filters on (batch, vocab) logits -----------------------------------------------------------------------------
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``: below 1 sharpens the distribution, above 1 flattens it.
+
+    Shapes: ``(batch, vocab) -> (batch, vocab)``.
+
+    Raises:
+        ValueError: ``temperature <= 0`` (temperature 0 is greedy decoding: take the argmax instead).
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 to divide by it, got {temperature!r}; for 0 (greedy) use argmax")
+    return logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits of each row, set the others to -inf; ``k = 0`` keeps all.
+
+    Shapes: ``(batch, vocab) -> (batch, vocab)``. Ties with the k-th largest are kept too.
+
+    Raises:
+        ValueError: ``k`` is not an integer >= 0.
+    """
+    check_top_k(k)
+    if k == 0 or k >= logits.shape[-1]:
+        return logits
+    kth_largest = torch.topk(logits, k, dim=-1).values[:, -1:]  # (batch, 1)
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most probable tokens whose probabilities sum to at least ``p``.
+
+    Shapes: ``(batch, vocab) -> (batch, vocab)``; removed entries are -inf. At least one token
+    (the most probable) is always kept; ``p = 1.0`` keeps all.
+
+    The boundary: a token is removed when the tokens more probable than it already sum to
+    ``>= p``; the token whose probability carries the sum across p is kept. This is exactly
+    transformers' ``TopPLogitsWarper``, which removes the tokens whose ascending cumulative
+    probability is ``<= 1 - p`` (the same set, counted from the other end).
+
+    Raises:
+        ValueError: ``p`` is outside (0, 1].
+    """
+    check_top_p(p)
+    if p == 1.0:
+        return logits
+    # 1. Sort each row from most to least probable.
+    sorted_logits, sorted_indices = torch.sort(logits, dim=-1, descending=True)
+    # 2. Probabilities, in that order.
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    # 3. Running total: cumulative[i] is the probability of the i + 1 most probable tokens.
+    cumulative = sorted_probs.cumsum(dim=-1)
+    # 4. Shift right by one: remove token i when the tokens *before* it already reach p. Testing
+    #    cumulative[i] itself would also remove the token that crosses p, and the set would fall short.
+    remove = cumulative >= p
+    remove[:, 1:] = remove[:, :-1].clone()
+    remove[:, 0] = False  # the most probable token always stays
+    # 5. Scatter the decisions back from sorted order to vocabulary order.
+    remove = remove.scatter(-1, sorted_indices, remove)
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One token id per row from the next-token ``logits``.
+
+    Shapes: ``(batch, vocab) -> (batch,)`` int64.
+
+    Args:
+        logits: the model's scores for the next token, one row per sequence.
+        temperature: 0 means greedy (argmax, and the other settings are ignored); else the divisor.
+        top_k: sample among the k most probable tokens only; 0 keeps all.
+        top_p: sample among the smallest set of tokens of total probability >= top_p; 1.0 keeps all.
+        generator: the random source of ``torch.multinomial``; a seeded one makes the sample repeat.
+
+    Raises:
+        ValueError: temperature < 0, top_k < 0 or top_p outside (0, 1].
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# --- Checks --------------------------------------------------------------------------------------------------------
+
+
+def check_top_k(top_k) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
+
+
+def check_top_p(top_p) -> None:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1.0 keeps every token), got {top_p!r}")
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """Raise ``ValueError`` naming the first sampling setting that is out of range."""
+    if not temperature >= 0:  # written so, NaN fails too
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature!r}")
+    check_top_k(top_k)
+    check_top_p(top_p)
+
+
+def check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings=(), tokenizer=None) -> None:
+    """Every check ``generate`` makes before running the model (the command makes them before loading it)."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_sampling(temperature, top_k, top_p)
+    if isinstance(stop_strings, str):
+        raise ValueError(f"stop_strings must be a list of strings, got the string {stop_strings!r}; wrap it: [...]")
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need the tokenizer, to decode the new tokens; pass tokenizer=...")
+
+
+# --- The generation loop -------------------------------------------------------------------------------------------
+
+
+def cache_argument(model) -> str:
+    """The name under which ``model`` takes and returns its KV cache: ``cache``, or ``past_key_values`` before.
+
+    A recent transformers 5 release renamed ``past_key_values`` to ``cache`` (5.24, installed here,
+    warns about the old name, which goes in 5.40); the project accepts any 5.x, so ask the model.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def forward_with_cache(model, input_ids: torch.Tensor, cache=None, attention_mask=None):
+    """Run ``model`` on ``input_ids`` following the positions held in ``cache``.
+
+    Shapes: ``input_ids (batch, new)``; ``attention_mask (batch, past + new)`` or None (no padding).
+
+    Args:
+        model: a transformers causal LM.
+        input_ids: the whole prompt on the first call, then the one new token of each row.
+        cache: what the previous call returned (a transformers ``Cache``); None on the first call.
+        attention_mask: 0 on left padding, covering the cached positions and the new ones.
+
+    Returns:
+        ``(logits, cache)``: the last position's logits ``(batch, vocab)`` in float32, and the
+        cache, which now holds the keys and values of the new positions too.
+    """
+    position_ids = None
+    if attention_mask is not None:
+        # With left padding a row's positions count from its first real token, not from column 0
+        # (as transformers' generate computes them; padding positions get 0 and are masked anyway).
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        position_ids = position_ids[:, -input_ids.shape[1]:]
+    name = cache_argument(model)
+    outputs = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,  # only the last position is sampled from: skip a (prompt, vocab) matrix on the prompt
+        **{name: cache},
+    )
+    return outputs.logits[:, -1].float(), outputs[name]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Continue each row of ``input_ids``; return the new token ids.
+
+    Shapes: ``input_ids (batch, prompt) -> (batch, n_new)``, ``n_new <= max_new_tokens``.
+
+    Rows are prompts of equal length, e.g. K samples of one prompt (``prompt_ids.repeat(K, 1)``);
+    prompts of different lengths can be left-padded and given an ``attention_mask``. A row is
+    finished once it produces ``eos_token_id`` (which is kept) or its decoded new text contains
+    one of ``stop_strings`` (the token completing it is kept); after that its positions hold the
+    EOS id (the tokenizer's pad id when there is no EOS id), so the result is rectangular.
+    Generation stops early when every row is finished.
+
+    Args:
+        model: a transformers causal LM; put in eval mode here (no dropout).
+        input_ids: the prompts, ``(batch, prompt)``.
+        max_new_tokens: the most tokens to add to each row.
+        temperature, top_k, top_p: as in ``sample_next_token``; the default, temperature 0, is greedy.
+            The source material samples with temperature 0.7 and top_p 0.9.
+        eos_token_id: the token that ends a row (``tokenizer.eos_token_id``); None: rows end only
+            at a stop string or after ``max_new_tokens``.
+        stop_strings: texts that end a row when they appear in its new text.
+        tokenizer: decodes the new tokens for ``stop_strings``; not needed otherwise.
+        seed: seeds the sampling, so the same seed and prompts give the same tokens; None uses torch's
+            global generator.
+        attention_mask: ``(batch, prompt)``, 0 on left padding; None when there is none.
+
+    Raises:
+        ValueError: max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1], or
+            stop_strings without a tokenizer.
+    """
+    check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+    model.eval()
+    generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
+    # After a row finishes, its positions hold the EOS id; with stop strings alone, the tokenizer's pad id.
+    fill_id = eos_token_id
+    if fill_id is None and stop_strings:
+        fill_id = pad_token_id(tokenizer)
+
+    # 1. Prefill: one forward over the whole prompt puts the keys and values of every prompt
+    #    position in the cache and gives the distribution of the first new token.
+    logits, cache = forward_with_cache(model, input_ids, None, attention_mask)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        # 2. Pick each row's next token; a finished row gets the fill id instead. Finished rows are
+        #    still sampled, so every step draws the same random numbers however many rows are done.
+        next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
+        if fill_id is not None:
+            next_ids = next_ids.masked_fill(finished, fill_id)
+        new_tokens.append(next_ids)
+
+        # 3. A row is finished at EOS, or when its new text contains a stop string.
+        if eos_token_id is not None:
+            finished |= next_ids == eos_token_id
+        if stop_strings:
+            generated = torch.stack(new_tokens, dim=1)
+            for row in (~finished).nonzero().flatten().tolist():
+                text = tokenizer.decode(generated[row])
+                finished[row] = any(stop in text for stop in stop_strings)
+        if finished.all() or step == max_new_tokens - 1:
+            break
+
+        # 4. Feed only the new token: the cache holds everything before it.
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_ids), 1)], dim=1)
+        logits, cache = forward_with_cache(model, next_ids[:, None], cache, attention_mask)
+    return torch.stack(new_tokens, dim=1)
+
+
+# --- The command ----------------------------------------------------------------------------------------------------
+
+
+def format_prompt(tokenizer, prompt: str) -> str:
+    """The text the model is given: ``prompt`` in the tokenizer's chat template when it has one, else as is.
+
+    An instruct model was trained on conversations in its template; a bare prompt is a
+    different input from the one it learned to answer.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def complete(model, tokenizer, prompt: str, args: argparse.Namespace) -> str:
+    """The model's answer to ``prompt`` (wrapped in the chat template) with the command's sampling settings."""
+    # A chat template already holds the special tokens: the tokenizer must not add a BOS of its own.
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    text = format_prompt(tokenizer, prompt)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not has_template).input_ids
+    new = generate(model, ids.to(model.device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
+    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.generate",
+        description="Sample a completion from a model, with or without a LoRA adapter.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the instruction to answer (wrapped in the chat template when there is one)")
+    what.add_argument("--novel", action="store_true",
+                      help="answer fixed out-of-distribution instructions: the base model's answer, then the "
+                           "adapter's (the base model's only, without --adapter)")
+    add_model_arguments(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens to generate per answer")
+    parser.add_argument("--temperature", type=float, default=0.7, help="0 is greedy; the source material uses 0.7")
+    parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling; 1.0 keeps every token")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 keeps all")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same answer")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # an unknown flag: argparse prints one line and exits with status 2
+    try:
+        check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        # 1. The base model, then the adapter (LoRA injected and loaded) when one is given.
+        model, tokenizer = load_model_and_adapter(args)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # 2. One prompt: print its completion.
+    if not args.novel:
+        print(complete(model, tokenizer, args.prompt, args))
+        return 0
+
+    # 3. --novel: each instruction answered by the base model (LoRA switched off), then with the
+    #    adapter, from the same seed, so the difference between the answers is the adapter's doing.
+    if args.adapter is None:
+        print("no --adapter given: the base model's answers only")
+    for number, instruction in enumerate(NOVEL_INSTRUCTIONS, 1):
+        print(f"=== {number}/{len(NOVEL_INSTRUCTIONS)}: {instruction}")
+        with disable_lora(model):
+            print(f"--- base model ({args.model}):\n{complete(model, tokenizer, instruction, args)}")
+        if args.adapter is not None:
+            print(f"--- with the adapter ({args.adapter}):\n{complete(model, tokenizer, instruction, args)}")
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

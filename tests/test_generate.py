@@ -1,0 +1,342 @@
+"""Sampling: the filters equal transformers' warpers, greedy equals model.generate, the KV cache, stopping, the CLI."""
+
+import math
+
+import pytest
+import torch
+from conftest import randomize_lora, token_batch
+from torch.testing import assert_close
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from eval.generate import (
+    NOVEL_INSTRUCTIONS,
+    apply_temperature,
+    format_prompt,
+    forward_with_cache,
+    generate,
+    main,
+    sample_next_token,
+    top_k_filter,
+    top_p_filter,
+)
+from lora import inject_lora, save_adapter
+from training.models import TINY_SHAPE, char_tokenizer, load_tokenizer, tiny_model
+
+EXACT = dict(rtol=0, atol=0)
+TINY_EOS = TINY_SHAPE["eos_token_id"]
+
+
+def random_logits(batch=16, vocab=1000, seed=0, scale=3.0):
+    """Seeded ``(batch, vocab)`` logits, spread enough that top-p keeps a few tokens, not one or all."""
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def transformers_greedy(model, ids, max_new_tokens, eos_token_id, attention_mask=None):
+    """The new tokens of ``model.generate`` in greedy mode, finished rows padded with EOS as ``generate`` does."""
+    attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    out = model.generate(ids, attention_mask=attention_mask, do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=eos_token_id, pad_token_id=TINY_EOS if eos_token_id is None else eos_token_id)
+    return out[:, ids.shape[1]:]
+
+
+def cut_at_first(tokens: torch.Tensor, finished_at: list[int | None], fill: int) -> torch.Tensor:
+    """The expected output: row i as is up to step ``finished_at[i]``, ``fill`` after it; as long as the last row."""
+    steps = tokens.shape[1] if None in finished_at else max(finished_at) + 1
+    expected = tokens[:, :steps].clone()
+    for row, at in enumerate(finished_at):
+        if at is not None:
+            expected[row, at + 1:] = fill
+    return expected
+
+
+# --- The filters, against transformers' logits warpers ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.3, 0.7, 1.0, 2.5])
+def test_temperature_equals_transformers_warper(temperature):
+    logits = random_logits()
+    assert_close(apply_temperature(logits, temperature), TemperatureLogitsWarper(temperature)(None, logits), **EXACT)
+
+
+@pytest.mark.parametrize("k", [1, 5, 50, 999, 1000, 5000])
+def test_top_k_filter_equals_transformers_warper(k):
+    logits = random_logits()
+    ours = top_k_filter(logits, k)
+    assert_close(ours, TopKLogitsWarper(k)(None, logits), **EXACT)
+    assert ((ours > -math.inf).sum(dim=-1) == min(k, logits.shape[-1])).all()
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.1, 0.5, 0.7, 0.9, 0.95, 0.999])
+def test_top_p_filter_equals_transformers_warper(p):
+    logits = random_logits()
+    ours = top_p_filter(logits, p)
+    assert_close(ours, TopPLogitsWarper(p)(None, logits), **EXACT)
+    kept = (ours > -math.inf).sum(dim=-1)
+    assert (kept >= 1).all() and (kept < logits.shape[-1]).all()
+
+
+def test_top_p_filter_after_top_k_equals_transformers_warpers():
+    logits = random_logits()
+    ours = top_p_filter(top_k_filter(apply_temperature(logits, 0.7), 20), 0.9)
+    theirs = TopPLogitsWarper(0.9)(None, TopKLogitsWarper(20)(None, TemperatureLogitsWarper(0.7)(None, logits)))
+    assert_close(ours, theirs, **EXACT)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    logits = torch.tensor([[0.2, 0.5, 0.3]]).log()  # most probable first: 0.5, 0.3, 0.2
+    kept = {p: (top_p_filter(logits, p) > -math.inf).tolist()[0] for p in (0.4, 0.75, 0.85)}
+    assert kept == {0.4: [False, True, False], 0.75: [False, True, True], 0.85: [True, True, True]}
+
+
+def test_top_p_always_keeps_the_most_probable_token():
+    logits = random_logits()
+    filtered = top_p_filter(logits, 1e-9)
+    expected = torch.full_like(logits, -math.inf).scatter(-1, logits.argmax(-1, keepdim=True),
+                                                          logits.max(-1, keepdim=True).values)
+    assert_close(filtered, expected, **EXACT)
+
+
+def test_top_k_0_and_top_p_1_keep_every_token():
+    logits = random_logits()
+    assert_close(top_k_filter(logits, 0), logits, **EXACT)
+    assert_close(top_p_filter(logits, 1.0), logits, **EXACT)
+
+
+# --- Sampling one token -------------------------------------------------------------------------------------------
+
+
+def test_temperature_0_is_the_argmax():
+    logits = random_logits()
+    assert_close(sample_next_token(logits, temperature=0, top_k=3, top_p=0.5), logits.argmax(-1), **EXACT)
+
+
+def test_samples_follow_the_tempered_distribution():
+    logits = torch.tensor([[1.0, 0.0, -1.0, 2.0, 0.5]]).repeat(40_000, 1)
+    generator = torch.Generator().manual_seed(0)
+    ids = sample_next_token(logits, temperature=0.7, generator=generator)
+    frequencies = torch.bincount(ids, minlength=5) / len(ids)
+    # Binomial standard error at 40,000 draws is at most 0.0025; 0.01 is four of them.
+    assert_close(frequencies, (logits[0] / 0.7).softmax(-1), rtol=0, atol=0.01)
+
+
+def test_samples_come_only_from_the_tokens_the_filters_keep():
+    logits = random_logits(batch=8).repeat(200, 1)  # 200 draws from each of 8 distributions
+    ids = sample_next_token(logits, temperature=1.5, top_k=10, top_p=0.6, generator=torch.Generator().manual_seed(0))
+    allowed = top_p_filter(top_k_filter(apply_temperature(logits, 1.5), 10), 0.6) > -math.inf
+    assert allowed.gather(-1, ids[:, None]).all()
+    assert len(ids.unique()) > 8  # some rows keep several tokens, and more than the argmax was drawn
+
+
+def test_same_seed_gives_the_same_tokens_and_another_seed_others(tiny):
+    prompt = token_batch(tiny, batch=1, length=6).repeat(4, 1)  # K = 4 samples of one prompt
+    settings = dict(max_new_tokens=20, temperature=1.0, top_p=0.95)
+    first, again = generate(tiny, prompt, seed=0, **settings), generate(tiny, prompt, seed=0, **settings)
+    other = generate(tiny, prompt, seed=1, **settings)
+    assert_close(again, first, **EXACT)
+    assert not torch.equal(other, first)
+    assert len({tuple(row) for row in first.tolist()}) == 4  # the K samples differ from each other
+
+
+# --- Generation: greedy against transformers, the KV cache, stopping -------------------------------------------------
+
+
+@pytest.mark.parametrize("eos", [None, TINY_EOS])
+def test_greedy_equals_transformers_generate(tiny, eos):
+    ids = token_batch(tiny, batch=3, length=8)
+    ours = generate(tiny, ids, max_new_tokens=24, eos_token_id=eos)
+    assert_close(ours, transformers_greedy(tiny, ids, 24, eos), **EXACT)
+
+
+def test_greedy_with_left_padding_equals_transformers_generate(tiny):
+    ids = token_batch(tiny, batch=3, length=10)
+    mask = torch.ones_like(ids)
+    mask[0, :4], mask[1, :1] = 0, 0  # rows of 6, 9 and 10 prompt tokens
+    ids = ids.masked_fill(mask == 0, TINY_SHAPE["pad_token_id"])
+    ours = generate(tiny, ids, max_new_tokens=16, attention_mask=mask)
+    assert_close(ours, transformers_greedy(tiny, ids, 16, None, attention_mask=mask), **EXACT)
+
+
+def test_kv_cache_gives_the_logits_of_recomputing_the_full_sequence(tiny):
+    ids = token_batch(tiny, batch=2, length=16)
+    with torch.no_grad():
+        full = tiny(ids).logits  # (batch, 16, vocab), every position recomputed from scratch
+        logits, cache = forward_with_cache(tiny, ids[:, :5])
+        assert_close(logits, full[:, 4])
+        for t in range(5, 16):
+            logits, cache = forward_with_cache(tiny, ids[:, t:t + 1], cache)  # one new token, the rest cached
+            assert_close(logits, full[:, t])
+    assert cache.get_seq_length() == 16
+
+
+def test_eos_ends_a_row_the_rest_is_eos_and_rows_finish_independently(tiny):
+    ids = token_batch(tiny, batch=3, length=8)
+    free = generate(tiny, ids, max_new_tokens=16)  # greedy, never stopped
+    eos = int(free[0, 3])  # a token row 0 produces by step 3: pretend it is the EOS
+    finished_at = [row.index(eos) if eos in row else None for row in free.tolist()]
+    assert len(set(finished_at)) > 1, "the rows should finish at different steps for this test to mean something"
+    assert_close(generate(tiny, ids, max_new_tokens=16, eos_token_id=eos), cut_at_first(free, finished_at, eos),
+                 **EXACT)
+
+
+def test_generation_stops_when_every_row_is_finished(tiny):
+    ids = token_batch(tiny, batch=1, length=8).repeat(3, 1)
+    free = generate(tiny, ids, max_new_tokens=16)
+    eos = int(free[0, 3])
+    out = generate(tiny, ids, max_new_tokens=16, eos_token_id=eos)
+    assert out.shape == (3, free[0].tolist().index(eos) + 1)
+
+
+def test_stop_string_ends_a_row_and_the_rest_is_padding():
+    model, tokenizer = tiny_model("tiny-llama"), char_tokenizer()
+    ids = token_batch(model, batch=3, length=8, seed=1)
+    free = generate(model, ids, max_new_tokens=16)
+    stop = tokenizer.decode(free[0, 4:6])  # two characters row 0 writes at steps 4 and 5
+    finished_at = [next((t for t in range(16) if stop in tokenizer.decode(row[:t + 1])), None) for row in free]
+    assert finished_at[0] <= 5 and len(set(finished_at)) > 1
+    out = generate(model, ids, max_new_tokens=16, stop_strings=[stop], tokenizer=tokenizer)
+    assert_close(out, cut_at_first(free, finished_at, tokenizer.pad_token_id), **EXACT)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(temperature=-0.1), r"temperature must be >= 0 \(0 means greedy\), got -0.1"),
+        (dict(temperature=math.nan), "temperature must be >= 0"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1.0 keeps every token\), got 0.0"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 keeps every token\), got -1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (dict(stop_strings=["\n"]), "stop_strings need the tokenizer, to decode the new tokens; pass tokenizer="),
+        (dict(stop_strings="\n", tokenizer=char_tokenizer()), "stop_strings must be a list of strings"),
+    ],
+)
+def test_bad_settings_raise_a_one_line_error(settings, message):
+    model = tiny_model("tiny-llama")
+    with pytest.raises(ValueError, match=message) as error:
+        generate(model, token_batch(model), **{"max_new_tokens": 4, **settings})
+    assert "\n" not in str(error.value)
+
+
+def test_the_filters_reject_settings_out_of_range():
+    logits = random_logits()
+    with pytest.raises(ValueError, match="temperature must be > 0 to divide by it, got 0; for 0 .greedy. use argmax"):
+        apply_temperature(logits, 0)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
+        top_k_filter(logits, 2.5)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+        top_p_filter(logits, -0.5)
+
+
+# --- The command ------------------------------------------------------------------------------------------------------
+
+
+TINY_RUN = ["--model", "tiny-llama", "--max-new-tokens", "12"]
+
+
+def test_prompt_is_wrapped_in_the_chat_template_only_when_there_is_one():
+    tokenizer = char_tokenizer()
+    assert format_prompt(tokenizer, "Hi") == "Hi"
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert format_prompt(tokenizer, "Hi") == "<user>Hi<assistant>"
+
+
+def test_command_prints_the_completion_generate_gives(capsys):
+    assert main([*TINY_RUN, "--prompt", "Hello", "--temperature", "0"]) == 0
+    model, tokenizer = tiny_model("tiny-llama"), char_tokenizer()
+    new = generate(model, tokenizer("Hello", return_tensors="pt").input_ids, 12, eos_token_id=tokenizer.eos_token_id)
+    assert capsys.readouterr().out == tokenizer.decode(new[0], skip_special_tokens=True).strip() + "\n"
+
+
+def test_command_with_the_same_seed_prints_the_same_sample(capsys):
+    outputs = []
+    for seed in ("0", "0", "1"):
+        assert main([*TINY_RUN, "--prompt", "Hello", "--seed", seed]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] != outputs[2]
+
+
+def tiny_adapter(folder, hidden_size=TINY_SHAPE["hidden_size"]):
+    """An adapter folder with seeded non-zero A and B, saved from a tiny Llama of ``hidden_size``."""
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY_SHAPE, "hidden_size": hidden_size}))
+    inject_lora(model)
+    return save_adapter(randomize_lora(model), folder)
+
+
+def novel_answers(out: str, label: str) -> list[str]:
+    """The answers under the ``--- <label>`` headers of ``--novel``'s output, in order."""
+    sections = out.split("--- ")[1:]
+    return [section.split(":\n", 1)[1].split("\n===")[0].strip() for section in sections if section.startswith(label)]
+
+
+def test_novel_prints_base_then_adapter_answers_and_the_base_ones_are_the_model_without_it(tmp_path, capsys):
+    adapter = tiny_adapter(tmp_path / "adapter")
+    assert main([*TINY_RUN, "--novel", "--adapter", str(adapter)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("=== ") == len(NOVEL_INSTRUCTIONS)
+    base, adapted = novel_answers(out, "base model"), novel_answers(out, "with the adapter")
+    assert len(base) == len(adapted) == len(NOVEL_INSTRUCTIONS)
+    assert out.index("--- base model") < out.index("--- with the adapter")
+    assert base != adapted  # randomize_lora makes the adapter change the model
+
+    assert main([*TINY_RUN, "--novel"]) == 0  # no adapter: the base model's answers only
+    out = capsys.readouterr().out
+    assert out.startswith("no --adapter given: the base model's answers only\n")
+    assert novel_answers(out, "base model") == base and "with the adapter" not in out
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda folder: tiny_adapter(folder, hidden_size=32), "has shape (8, 32) but the model needs (8, 64)"),
+        (lambda folder: folder.mkdir(), "adapter_config.json: no such file"),
+    ],
+)
+def test_adapter_that_does_not_fit_the_model_is_one_line_exit_2(tmp_path, capsys, make, message):
+    make(tmp_path / "adapter")
+    assert main([*TINY_RUN, "--prompt", "Hello", "--adapter", str(tmp_path / "adapter")]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.err.count("\n") == 1 and captured.out == ""
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no-such-model"], "no-such-model: not a model folder"),
+        (["--temperature=-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], r"top_p must be in (0, 1]"),
+        (["--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    ],
+)
+def test_bad_model_or_setting_is_one_line_exit_2(capsys, argv, message):
+    assert main([*TINY_RUN, "--prompt", "Hello", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_prompt_or_novel_is_required(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", "tiny-llama"])
+    assert exit.value.code == 2
+    assert "one of the arguments --prompt --novel is required" in capsys.readouterr().err
+
+
+# --- The embedded model ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_greedy_equals_transformers_generate_on_the_embedded_model(embedded_base):
+    tokenizer = load_tokenizer()
+    text = format_prompt(tokenizer, "What is the capital of France?")
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    ours = generate(embedded_base, ids, max_new_tokens=32, eos_token_id=tokenizer.eos_token_id)
+    theirs = embedded_base.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    assert_close(ours, theirs[:, ids.shape[1]:], **EXACT)
+    assert "Paris" in tokenizer.decode(ours[0])

@@ -1,0 +1,60 @@
+"""Exact-match evaluation of instruction tasks: scoring per kind, and bad input."""
+
+import pytest
+import torch
+
+from eval import instruct
+from eval.instruct import exact_match, main
+from training.instructions import format_prompt, generate_tasks, save_instructions
+from training.lotka_volterra import create_dataset, save_dataset
+from training.models import char_tokenizer, tiny_model
+
+TOKENIZER = char_tokenizer()
+TASKS = generate_tasks(16, seed=0)
+
+
+def answers_with(text_for):
+    """A stand-in for ``generate`` that answers each prompt with ``text_for(task)`` and EOS."""
+    by_prompt = {format_prompt(task): task for task in TASKS}
+
+    def fake_generate(model, input_ids, max_new_tokens, **settings):
+        task = by_prompt[TOKENIZER.decode(input_ids[0])]
+        return torch.tensor([TOKENIZER(text_for(task)).input_ids + [TOKENIZER.eos_token_id]])
+
+    return fake_generate
+
+
+def test_right_answers_score_one_in_every_kind(monkeypatch):
+    monkeypatch.setattr(instruct, "generate", answers_with(lambda task: " " + task["output"] + "\n"))
+    accuracy = exact_match(tiny_model(), TOKENIZER, TASKS)
+    assert accuracy["overall"] == 1.0
+    assert set(accuracy) == {task["kind"] for task in TASKS} | {"overall"}
+
+
+def test_wrong_answers_score_zero_and_the_overall_is_the_mean(monkeypatch):
+    right_kinds = {"arithmetic", "reverse"}
+    monkeypatch.setattr(instruct, "generate", answers_with(
+        lambda task: task["output"] if task["kind"] in right_kinds else task["output"] + "0"))
+    accuracy = exact_match(tiny_model(), TOKENIZER, TASKS)
+    assert accuracy["arithmetic"] == accuracy["reverse"] == 1.0 and accuracy["sort"] == 0.0
+    assert accuracy["overall"] == sum(task["kind"] in right_kinds for task in TASKS) / len(TASKS)
+
+
+def test_command_prints_a_table_per_kind(tmp_path, capsys):
+    data = save_instructions(generate_tasks(40, seed=2), tmp_path / "tasks.jsonl")
+    assert main(["--model", "tiny-llama", "--data", str(data), "--limit", "4", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exact match on 4 held-out tasks") and "| overall |" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--adapter", "missing"], "missing/adapter_config.json: no such file"),
+    (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--data", "series.npz"], "series.npz: not a text file; instruction data is Alpaca .json or .jsonl"),
+])
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    save_dataset(create_dataset(n_systems=10, seed=0), tmp_path / "series.npz")  # the forecasting task's data
+    assert main(["--model", "tiny-llama", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
