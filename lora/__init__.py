@@ -1,11 +1,20 @@
 """LoRA from scratch: low-rank adapters for frozen PyTorch models, interchangeable with peft's.
 
 Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a model),
-``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk).
+``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk),
+``fused`` (the same layer with a hand-written backward, for speed).
 """
 
 from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
-from lora.inject import disable_lora, find_linear_modules, inject_lora, lora_layers, mark_only_lora_trainable
+from lora.fused import fused_lora
+from lora.inject import (
+    disable_lora,
+    find_linear_modules,
+    inject_lora,
+    lora_layers,
+    mark_only_lora_trainable,
+    use_fused_lora,
+)
 from lora.layer import LoRALinear
 from lora.merge import merge_and_unload, merge_lora, unmerge_lora
 from lora.parameters import count_parameters, print_trainable_parameters, trainable_parameters_line
@@ -17,6 +26,7 @@ __all__ = [
     "count_parameters",
     "disable_lora",
     "find_linear_modules",
+    "fused_lora",
     "inject_lora",
     "load_adapter",
     "lora_layers",
@@ -27,4 +37,5 @@ __all__ = [
     "save_adapter",
     "trainable_parameters_line",
     "unmerge_lora",
+    "use_fused_lora",
 ]

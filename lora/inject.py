@@ -143,3 +143,17 @@ def disable_lora(model: nn.Module):
             layer.disabled = False
         for layer in merged:
             layer.merge()
+
+
+def use_fused_lora(model: nn.Module, fused: bool | None = True) -> int:
+    """Set which forward every ``LoRALinear`` in ``model`` takes; return how many layers were set.
+
+    Args:
+        fused: True, the fused path (``lora/fused.py``: the same math, fewer passes over the
+            activations); False, the plain path (peft's, op for op); None, fused while training
+            and plain otherwise (``LoRALinear.use_fused``).
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    for layer in layers:
+        layer.fused = fused
+    return len(layers)

@@ -14,6 +14,8 @@ import numbers
 import torch
 from torch import nn
 
+from lora.fused import fused_lora
+
 
 def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
     """Raise ``ValueError`` naming the first LoRA hyperparameter that is out of range."""
@@ -68,6 +70,10 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # Which forward: False the plain one (peft's, op for op), True the fused one (lora/fused.py),
+        # None chooses (fused when training, see use_fused). Plain stays the default until the
+        # benchmarks in benchmarks/ show the fused path faster on every case they run.
+        self.fused: bool | None = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,7 +89,22 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
+        if self.use_fused():
+            # The same math with a hand-written backward and fewer passes over x (lora/fused.py).
+            return fused_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
+                              self.lora_B.weight, self.scaling, self.dropout if self.training else 0.0)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
+
+    def use_fused(self) -> bool:
+        """Whether ``forward`` takes the fused path: as forced by ``self.fused``, else when only A and B train.
+
+        Without gradients (inference, generation) the plain path is faster: the fused one would
+        form the merged weight, ``in * out * r`` FLOPs, for every call, even for a single token.
+        """
+        if self.fused is not None:
+            return self.fused
+        training_lora = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
+        return torch.is_grad_enabled() and training_lora and not self.base_layer.weight.requires_grad
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:

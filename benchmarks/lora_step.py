@@ -1,0 +1,171 @@
+"""Seconds per LoRA training step: the frozen floor, peft, and this library's plain and fused paths.
+
+One training step is forward, backward and AdamW on a batch of random tokens. The variants
+run interleaved in one process after a warm-up, so a slow minute on a shared machine slows
+them all alike:
+
+- floor: the frozen model with gradients flowing to its input but to no weight: the least
+  work any LoRA on every layer can do (the backward must still pass through every layer);
+- peft: Hugging Face peft's LoRA on the same modules;
+- plain: ``LoRALinear`` on its plain path (peft's operations, op for op);
+- fused: ``LoRALinear`` on its fused path (``lora/fused.py``).
+
+    python -m benchmarks.lora_step                       # the embedded model, batch 4 x 256, r 8, float32
+    python -m benchmarks.lora_step --precision bf16 --r 64 --dropout 0.05
+    python -m benchmarks.lora_step --memory              # peak memory, each variant in its own process
+
+The device is chosen automatically (CUDA when present); bf16 means autocast, as in the loop.
+"""
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lora import disable_lora, inject_lora, use_fused_lora
+from training.models import EMBEDDED, load_model
+
+VARIANTS = ("floor", "peft", "plain", "fused")
+
+
+def build(base, variant: str, r: int, dropout: float, targets: list[str], device: str, copy_base: bool = True):
+    """``base`` (or a copy) set up for ``variant``, training, and an optimizer over what trains (None: the floor)."""
+    model = (copy.deepcopy(base) if copy_base else base).to(device).train()
+    model.requires_grad_(False)  # the floor trains nothing; the LoRA variants unfreeze A and B only
+    torch.manual_seed(0)
+    if variant == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
+    elif variant in ("plain", "fused"):
+        inject_lora(model, targets, r=r, alpha=2 * r, dropout=dropout)
+        use_fused_lora(model, variant == "fused")
+    if variant != "floor":
+        for name, parameter in model.named_parameters():  # B = 0 would make some products trivially cheap
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.01)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
+    return model, optimizer
+
+
+def train_step(model, optimizer, variant: str, ids: torch.Tensor, bf16: bool) -> float:
+    """One forward, backward and AdamW step; returns its wall-clock seconds."""
+    device = ids.device.type
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        if variant == "floor":
+            embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
+            with disable_lora(model):
+                loss = model(inputs_embeds=embeddings, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def time_variants(args, device: str) -> dict[str, list[float]]:
+    """Seconds per step of every variant, interleaved: warm-up steps first, then ``args.steps`` rounds."""
+    base, _ = load_model(args.model)
+    models = {variant: build(base, variant, args.r, args.dropout, args.targets, device) for variant in args.variants}
+    del base
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, models[args.variants[0]][0].config.vocab_size, (args.batch, args.seq), generator=generator)
+    ids = ids.to(device)
+    bf16 = args.precision == "bf16"
+    for _ in range(args.warmup):
+        for variant, (model, optimizer) in models.items():
+            train_step(model, optimizer, variant, ids, bf16)
+    seconds = {variant: [] for variant in models}
+    for _ in range(args.steps):
+        for variant, (model, optimizer) in models.items():
+            seconds[variant].append(train_step(model, optimizer, variant, ids, bf16))
+    return seconds
+
+
+def peak_memory(args, device: str) -> dict[str, float]:
+    """Peak memory in GB of each variant alone in a fresh process (max RSS on CPU, max allocated on CUDA)."""
+    peaks = {}
+    for variant in args.variants:
+        command = [sys.executable, "-m", "benchmarks.lora_step", "--child-memory", variant, "--model", args.model,
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r),
+                   "--dropout", str(args.dropout), "--precision", args.precision, "--targets", ",".join(args.targets)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        peaks[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_gb"]
+    return peaks
+
+
+def child_memory(args, device: str) -> None:
+    """Run 3 steps of one variant and print its peak memory as JSON (for ``peak_memory``)."""
+    base, _ = load_model(args.model)
+    model, optimizer = build(base, args.child_memory, args.r, args.dropout, args.targets, device, copy_base=False)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
+    for _ in range(3):
+        train_step(model, optimizer, args.child_memory, ids, args.precision == "bf16")
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 1e9
+    elif Path("/proc/self/status").exists():  # Linux: VmHWM, as getrusage's maxrss survives exec (the parent's)
+        status = Path("/proc/self/status").read_text()
+        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024 / 1e9
+    else:  # macOS: getrusage reports maxrss in bytes
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9
+    print(json.dumps({"variant": args.child_memory, "peak_gb": peak}))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_step", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=EMBEDDED, help="(%(default)s)")
+    parser.add_argument("--batch", type=int, default=4, help="(%(default)s)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (%(default)s)")
+    parser.add_argument("--r", type=int, default=8, help="rank, with alpha = 2 r (%(default)s)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="(%(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (%(default)s)")
+    parser.add_argument("--targets", default="q_proj,v_proj", help="(%(default)s)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="(%(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (%(default)s)")
+    parser.add_argument("--steps", type=int, default=8, help="timed rounds; the median is reported (%(default)s)")
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory, a process per variant")
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.targets, args.variants = args.targets.split(","), args.variants.split(",")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.child_memory:
+        child_memory(args, device)
+        return 0
+
+    name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
+    print(f"{args.model} on {device} ({name}), {args.precision}; batch {args.batch} x {args.seq} tokens; "
+          f"LoRA r={args.r} alpha={2 * args.r} dropout={args.dropout} on {','.join(args.targets)}; "
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up rounds")
+    seconds = time_variants(args, device)
+    peaks = peak_memory(args, device) if args.memory else {}
+    median = {variant: statistics.median(times) for variant, times in seconds.items()}
+    tokens = args.batch * args.seq
+    header = "| variant | median s/step | min | max | tokens/s | / floor | / peft |" + (" peak GB |" if peaks else "")
+    print(header)
+    print("|" + " --- |" * header.count(" |"))
+    for variant, times in seconds.items():
+        row = (f"| {variant} | {median[variant]:.3f} | {min(times):.3f} | {max(times):.3f} | "
+               f"{tokens / median[variant]:.0f} | "
+               + (f"{median[variant] / median['floor']:.3f} | " if "floor" in median else "- | ")
+               + (f"{median[variant] / median['peft']:.3f} |" if "peft" in median else "- |"))
+        print(row + (f" {peaks[variant]:.2f} |" if peaks else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

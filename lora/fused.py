@@ -1,0 +1,101 @@
+"""A fused LoRA forward and backward, written by hand: fewer passes over the activations.
+
+The plain path, ``base(x) + B(A(dropout(x))) * s``, is five kernels forward (three matmuls,
+a scale, an add) and, backward, autograd adds the input gradient of the LoRA branch to the
+base's in yet another pass. LoRA's own FLOPs are tiny (r << in, out), so what costs time is
+those extra passes over ``(tokens, out)`` activations. This path does the same math in fewer:
+
+Forward, float32 and dropout 0: one matmul through the merged weight, ``x W'^T + b`` with
+``W' = W + s B A``. Forming ``W'`` costs ``in * out * r`` FLOPs, small next to the matmul's
+``tokens * in * out`` when there are many more tokens than r (training), large when there are
+few (decoding one token at a time): so ``LoRALinear`` takes this path only when training.
+
+Backward, with ``g`` the gradient of the output, ``(tokens, out)``::
+
+    dx = g W'                   one matmul through the merged weight
+    dA = s (g B)^T x            (r, in): rank-r products only; no (out, in) gradient is ever formed
+    dB = s g^T (x A^T)          (out, r), with x A^T saved by the forward, (tokens, r)
+
+In bf16 or fp16 the weights are not merged: early in training s B A is far smaller than the
+spacing of 16-bit numbers around W, and rounding W + s B A to 16 bits loses much of it: the
+gradients come out further from float32's than the plain path's (checked on SmolLM2).
+With dropout p > 0 they cannot be: the LoRA branch sees ``x_d = mask * x / (1 - p)``, not x.
+Then the forward is ``x W^T + b`` with ``s (x_d A^T) B^T`` added by the kernel that computes
+it (``addmm``), and ``dx = g W + s (g B) A`` likewise, through the mask when there is dropout.
+
+Either way this path saves what the plain one saves (the LoRA input and ``x A^T``, plus the
+mask with dropout) and no more. Under autocast it computes in autocast's dtype, as the plain
+path does, by casting its inputs explicitly and turning autocast off inside; the gradients
+of A and B come back in their own dtype (float32 master weights).
+"""
+
+import torch
+from torch.nn import functional as F
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the plain path would compute in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class FusedLoRA(torch.autograd.Function):
+    """``x W^T + b + s * B A dropout(x)`` with a hand-written backward; see the module docstring.
+
+    Shapes: ``x (..., in)``, ``weight (out, in)``, ``bias (out,)`` or None, ``lora_A (r, in)``,
+    ``lora_B (out, r)`` -> ``(..., out)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout: float):
+        if weight.requires_grad:
+            raise ValueError("the fused LoRA path keeps the base weight frozen; set layer.fused = False to train it")
+        dtype = compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
+            bias = bias.to(dtype) if bias is not None else None
+            x2d = x.reshape(-1, x.shape[-1])  # (tokens, in)
+            x_lora, mask = torch.native_dropout(x2d, dropout, True) if dropout > 0 else (x2d, None)
+            xa = x_lora @ lora_A.T  # (tokens, r)
+            merge = dropout == 0 and dtype == torch.float32
+            if merge:  # one matmul through W' = W + s B A
+                out = F.linear(x2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+            else:  # x W^T + b, then s (x A^T) B^T added by the same kernel that multiplies it
+                out = torch.addmm(F.linear(x2d, weight, bias), xa, lora_B.T, alpha=scaling)
+        ctx.save_for_backward(x_lora, xa, mask, weight, lora_A, lora_B)
+        ctx.scaling, ctx.dropout, ctx.merge = scaling, dropout, merge
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x_lora, xa, mask, weight, lora_A, lora_B = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.dropout
+        needs_x, _, needs_b, needs_a, needs_bb = ctx.needs_input_grad[:5]
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)  # (tokens, out)
+        gb = g @ lora_B  # (tokens, r)
+        grad_x = grad_bias = grad_A = grad_B = None
+        if needs_x:
+            if ctx.merge:
+                grad_x = g @ torch.addmm(weight, lora_B, lora_A, alpha=s)
+            elif p > 0:  # the LoRA branch's input gradient goes back through dropout: the mask, and 1 / (1 - p)
+                grad_x = g @ weight + (gb @ lora_A) * mask * (s / (1.0 - p))
+            else:
+                grad_x = torch.addmm(g @ weight, gb, lora_A, alpha=s)
+            grad_x = grad_x.reshape(*grad_out.shape[:-1], weight.shape[1])
+        if needs_a:
+            grad_A = (gb.T @ x_lora) * s  # (r, in)
+        if needs_bb:
+            grad_B = (g.T @ xa) * s  # (out, r)
+        if needs_b:  # a trainable bias (peft's bias="lora_only" style): its gradient is free
+            grad_bias = g.sum(dim=0)
+        return grad_x, None, grad_bias, grad_A, grad_B, None, None
+
+
+def fused_lora(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """``F.linear(x, weight, bias) + scaling * F.linear(F.linear(dropout(x), lora_A), lora_B)``, fused.
+
+    Shapes: ``(..., in) -> (..., out)``. ``dropout`` is the probability, applied (training) as given.
+    """
+    return FusedLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, dropout)
