@@ -17,9 +17,10 @@ import time
 
 import torch
 
+from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model
 from eval.generate import generate
 from lora import inject_lora, lora_layers, merge_lora
-from training.models import EMBEDDED, load_model
+from training.models import EMBEDDED
 
 VARIANTS = ("base", "un-merged", "merged")
 
@@ -36,7 +37,8 @@ def timed(function, device: str) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=EMBEDDED, help="(%(default)s)")
+    parser.add_argument("--model", default=EMBEDDED, help=f"a name load_model knows or {', '.join(RANDOM_SHAPES)} "
+                        "(%(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="prompts in the prefill batch (%(default)s)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per prompt (%(default)s)")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded (%(default)s)")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
-    base, _ = load_model(args.model)
+    base = load_benchmark_model(args.model)
     base.to(device).eval()
     adapted = copy.deepcopy(base)
     inject_lora(adapted, args.targets.split(","), r=args.r, alpha=2 * args.r)

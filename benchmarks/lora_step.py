@@ -28,11 +28,28 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
 
 from lora import disable_lora, inject_lora, use_fused_lora
 from training.models import EMBEDDED, load_model
 
 VARIANTS = ("floor", "peft", "plain", "fused")
+
+# Random models with a real model's shape: speed does not depend on the weights' values, and
+# these need no download. Qwen2.5-0.5B's shape, from its config.json.
+RANDOM_SHAPES = {
+    "random-qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                                num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+}
+
+
+def load_benchmark_model(name: str):
+    """A model ``load_model`` knows, or one of ``RANDOM_SHAPES`` built with random weights (float32)."""
+    if name not in RANDOM_SHAPES:
+        return load_model(name)[0]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(Qwen2Config(**RANDOM_SHAPES[name]), dtype=torch.float32)
 
 
 def build(base, variant: str, r: int, dropout: float, targets: list[str], device: str, copy_base: bool = True):
@@ -80,7 +97,7 @@ def train_step(model, optimizer, variant: str, ids: torch.Tensor, bf16: bool) ->
 
 def time_variants(args, device: str) -> dict[str, list[float]]:
     """Seconds per step of every variant, interleaved: warm-up steps first, then ``args.steps`` rounds."""
-    base, _ = load_model(args.model)
+    base = load_benchmark_model(args.model)
     models = {variant: build(base, variant, args.r, args.dropout, args.targets, device) for variant in args.variants}
     del base
     generator = torch.Generator().manual_seed(0)
@@ -111,7 +128,7 @@ def peak_memory(args, device: str) -> dict[str, float]:
 
 def child_memory(args, device: str) -> None:
     """Run 3 steps of one variant and print its peak memory as JSON (for ``peak_memory``)."""
-    base, _ = load_model(args.model)
+    base = load_benchmark_model(args.model)
     model, optimizer = build(base, args.child_memory, args.r, args.dropout, args.targets, device, copy_base=False)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     for _ in range(3):
@@ -128,7 +145,8 @@ def child_memory(args, device: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_step", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=EMBEDDED, help="(%(default)s)")
+    parser.add_argument("--model", default=EMBEDDED, help=f"a name load_model knows or {', '.join(RANDOM_SHAPES)} "
+                        "(%(default)s)")
     parser.add_argument("--batch", type=int, default=4, help="(%(default)s)")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (%(default)s)")
     parser.add_argument("--r", type=int, default=8, help="rank, with alpha = 2 r (%(default)s)")

@@ -1,6 +1,11 @@
 """The benchmark scripts run on the tiny model and report every variant (numbers: benchmarks/README.md)."""
 
-from benchmarks.lora_step import VARIANTS
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config
+
+from benchmarks.inference import VARIANTS as INFERENCE_VARIANTS
+from benchmarks.inference import main as inference
+from benchmarks.lora_step import RANDOM_SHAPES, VARIANTS
 from benchmarks.lora_step import main as lora_step
 
 
@@ -15,3 +20,16 @@ def test_lora_step_benchmark_reports_every_variant_against_the_floor_and_peft(ca
     rows = table_rows(capsys.readouterr().out)
     assert [row[0] for row in rows] == list(VARIANTS)
     assert rows[0][5] == "1.000" and rows[1][6] == "1.000"  # the floor against itself, peft against itself
+
+
+def test_inference_benchmark_reports_base_unmerged_and_merged(capsys):
+    assert inference(["--model", "tiny-llama", "--batch", "1", "--seq", "16", "--new-tokens", "2", "--steps", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows] == list(INFERENCE_VARIANTS)
+    assert rows[0][2] == rows[0][4] == "1.000"  # the base model against itself
+
+
+def test_random_qwen_shape_has_qwen2_5_0_5b_parameter_count():
+    with torch.device("meta"):  # shapes only: no 2 GB of random weights
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**RANDOM_SHAPES["random-qwen2.5-0.5b"]))
+    assert sum(parameter.numel() for parameter in model.parameters()) == 494_032_768  # Qwen2.5-0.5B's, tied
