@@ -13,26 +13,15 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 
 import torch
 
-from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model
+from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, timed
 from eval.generate import generate
 from lora import inject_lora, lora_layers, merge_lora
 from training.models import EMBEDDED
 
 VARIANTS = ("base", "un-merged", "merged")
-
-
-def timed(function, device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    function()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:

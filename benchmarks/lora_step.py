@@ -73,13 +73,20 @@ def build(base, variant: str, r: int, dropout: float, targets: list[str], device
     return model, optimizer
 
 
-def train_step(model, optimizer, variant: str, ids: torch.Tensor, bf16: bool) -> float:
-    """One forward, backward and AdamW step; returns its wall-clock seconds."""
-    device = ids.device.type
+def timed(function, device: str) -> float:
+    """Wall-clock seconds of ``function()``, waiting for the GPU's queued work on both sides."""
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+    function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def train_step(model, optimizer, variant: str, ids: torch.Tensor, bf16: bool) -> None:
+    """One forward, backward and AdamW step."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
         if variant == "floor":
             embeddings = model.get_input_embeddings()(ids).detach().requires_grad_()
             with disable_lora(model):
@@ -90,9 +97,6 @@ def train_step(model, optimizer, variant: str, ids: torch.Tensor, bf16: bool) ->
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def time_variants(args, device: str) -> dict[str, list[float]]:
@@ -110,7 +114,7 @@ def time_variants(args, device: str) -> dict[str, list[float]]:
     seconds = {variant: [] for variant in models}
     for _ in range(args.steps):
         for variant, (model, optimizer) in models.items():
-            seconds[variant].append(train_step(model, optimizer, variant, ids, bf16))
+            seconds[variant].append(timed(lambda: train_step(model, optimizer, variant, ids, bf16), device))
     return seconds
 
 
