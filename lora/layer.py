@@ -98,8 +98,8 @@ class LoRALinear(nn.Module):
     def use_fused(self) -> bool:
         """Whether ``forward`` takes the fused path: as forced by ``self.fused``, else when only A and B train.
 
-        Without gradients (inference, generation) the plain path is faster: the fused one would
-        form the merged weight, ``in * out * r`` FLOPs, for every call, even for a single token.
+        Without gradients (inference, generation) the plain path is faster: in float32 the fused
+        one would form the merged weight, ``in * out * r`` FLOPs, for every call, even for one token.
         """
         if self.fused is not None:
             return self.fused
