@@ -112,10 +112,21 @@ def time_variants(args, device: str) -> dict[str, list[float]]:
         for variant, (model, optimizer) in models.items():
             train_step(model, optimizer, variant, ids, bf16)
     seconds = {variant: [] for variant in models}
-    for _ in range(args.steps):
-        for variant, (model, optimizer) in models.items():
+    for step in range(args.steps):
+        order = args.variants[step % len(args.variants):] + args.variants[:step % len(args.variants)]
+        for variant in order:  # each round starts one variant later, so none always runs first
+            model, optimizer = models[variant]
             seconds[variant].append(timed(lambda: train_step(model, optimizer, variant, ids, bf16), device))
     return seconds
+
+
+def paired_ratio(seconds: dict[str, list[float]], variant: str, reference: str) -> float:
+    """The median over rounds of ``variant``'s time over ``reference``'s in the same round.
+
+    A slow minute on a shared machine slows both steps of a round alike, so the ratio within a
+    round varies much less than either time does.
+    """
+    return statistics.median(a / b for a, b in zip(seconds[variant], seconds[reference]))
 
 
 def peak_memory(args, device: str) -> dict[str, float]:
@@ -159,7 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--targets", default="q_proj,v_proj", help="(%(default)s)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="(%(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (%(default)s)")
-    parser.add_argument("--steps", type=int, default=8, help="timed rounds; the median is reported (%(default)s)")
+    parser.add_argument("--steps", type=int, default=16, help="timed rounds; the median is reported (%(default)s)")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, a process per variant")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -172,7 +183,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{args.model} on {device} ({name}), {args.precision}; batch {args.batch} x {args.seq} tokens; "
           f"LoRA r={args.r} alpha={2 * args.r} dropout={args.dropout} on {','.join(args.targets)}; "
-          f"median of {args.steps} interleaved steps after {args.warmup} warm-up rounds")
+          f"median of {args.steps} interleaved steps after {args.warmup} warm-up rounds; "
+          "ratios are medians of the ratios within a round")
     seconds = time_variants(args, device)
     peaks = peak_memory(args, device) if args.memory else {}
     median = {variant: statistics.median(times) for variant, times in seconds.items()}
@@ -183,8 +195,8 @@ def main(argv=None) -> int:
     for variant, times in seconds.items():
         row = (f"| {variant} | {median[variant]:.3f} | {min(times):.3f} | {max(times):.3f} | "
                f"{tokens / median[variant]:.0f} | "
-               + (f"{median[variant] / median['floor']:.3f} | " if "floor" in median else "- | ")
-               + (f"{median[variant] / median['peft']:.3f} |" if "peft" in median else "- |"))
+               + (f"{paired_ratio(seconds, variant, 'floor'):.3f} | " if "floor" in median else "- | ")
+               + (f"{paired_ratio(seconds, variant, 'peft'):.3f} |" if "peft" in median else "- |"))
         print(row + (f" {peaks[variant]:.2f} |" if peaks else ""))
     return 0
 

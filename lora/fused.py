@@ -13,20 +13,20 @@ few (decoding one token at a time): so ``LoRALinear`` takes this path only when 
 Backward, with ``g`` the gradient of the output, ``(tokens, out)``::
 
     dx = g W'                   one matmul through the merged weight
-    dA = s (g B)^T x            (r, in): rank-r products only; no (out, in) gradient is ever formed
-    dB = s g^T (x A^T)          (out, r), with x A^T saved by the forward, (tokens, r)
+    dA = (s g B)^T x            (r, in): rank-r products only; no (out, in) gradient is ever formed
+    dB = g^T (s x A^T)          (out, r), with x A^T saved by the forward, (tokens, r)
 
 In bf16 or fp16 the weights are not merged: early in training s B A is far smaller than the
 spacing of 16-bit numbers around W, and rounding W + s B A to 16 bits loses much of it: the
 gradients come out further from float32's than the plain path's (checked on SmolLM2).
 With dropout p > 0 they cannot be: the LoRA branch sees ``x_d = mask * x / (1 - p)``, not x.
-Then the forward is ``x W^T + b`` with ``s (x_d A^T) B^T`` added by the kernel that computes
-it (``addmm``), and ``dx = g W + s (g B) A`` likewise, through the mask when there is dropout.
+Then the forward is ``x W^T + b`` with ``s (x_d A^T) B^T`` added in place by the kernel that
+computes it (``addmm_``), and ``dx = g W + (s g B) A`` likewise, through the mask when there is dropout.
 
 Either way this path saves what the plain one saves (the LoRA input and ``x A^T``, plus the
 mask with dropout) and no more. Under autocast it computes in autocast's dtype, as the plain
-path does, by casting its inputs explicitly and turning autocast off inside; the gradients
-of A and B come back in their own dtype (float32 master weights).
+path does, by casting its inputs to it first; the gradients of A and B come back in their
+own dtype (float32 master weights).
 """
 
 import torch
@@ -52,21 +52,24 @@ class FusedLoRA(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout: float):
         if weight.requires_grad:
             raise ValueError("the fused LoRA path keeps the base weight frozen; set layer.fused = False to train it")
+        # Cast everything to the dtype the plain path computes in; the ops below then find their
+        # inputs already in autocast's dtype, so autocast changes nothing inside.
         dtype = compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
-            x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
-            bias = bias.to(dtype) if bias is not None else None
-            x2d = x.reshape(-1, x.shape[-1])  # (tokens, in)
-            x_lora, mask = torch.native_dropout(x2d, dropout, True) if dropout > 0 else (x2d, None)
-            xa = x_lora @ lora_A.T  # (tokens, r)
-            merge = dropout == 0 and dtype == torch.float32
-            if merge:  # one matmul through W' = W + s B A
-                out = F.linear(x2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
-            else:  # x W^T + b, then s (x A^T) B^T added by the same kernel that multiplies it
-                out = torch.addmm(F.linear(x2d, weight, bias), xa, lora_B.T, alpha=scaling)
+        x, weight, lora_A, lora_B = x.to(dtype), weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        x2d = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        x_lora, mask = torch.native_dropout(x2d, dropout, True) if dropout > 0 else (x2d, None)
+        # The rank-r products are taken as (r, tokens) matrices and used transposed: BLAS runs a
+        # product with r rows 2-3x faster than one with r columns, in float32 (benchmarks/README.md).
+        xa = (lora_A @ x_lora.T).T  # (tokens, r)
+        merge = dropout == 0 and dtype == torch.float32
+        if merge:  # one matmul through W' = W + s B A
+            out = F.linear(x2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
+        else:  # x W^T + b, then s (x A^T) B^T added in place by the kernel that multiplies it
+            out = F.linear(x2d, weight, bias).addmm_(xa, lora_B.T, alpha=scaling)
         ctx.save_for_backward(x_lora, xa, mask, weight, lora_A, lora_B)
         ctx.scaling, ctx.dropout, ctx.merge = scaling, dropout, merge
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -74,20 +77,20 @@ class FusedLoRA(torch.autograd.Function):
         s, p = ctx.scaling, ctx.dropout
         needs_x, _, needs_b, needs_a, needs_bb = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)  # (tokens, out)
-        gb = g @ lora_B  # (tokens, r)
+        gb = (lora_B.T @ g.T).T.mul_(s)  # s g B, (tokens, r): scaled once here, so no (r, in) or (out, r) pass later
         grad_x = grad_bias = grad_A = grad_B = None
         if needs_x:
             if ctx.merge:
                 grad_x = g @ torch.addmm(weight, lora_B, lora_A, alpha=s)
             elif p > 0:  # the LoRA branch's input gradient goes back through dropout: the mask, and 1 / (1 - p)
-                grad_x = g @ weight + (gb @ lora_A) * mask * (s / (1.0 - p))
+                grad_x = (g @ weight).addcmul_(gb @ lora_A, mask, value=1.0 / (1.0 - p))
             else:
-                grad_x = torch.addmm(g @ weight, gb, lora_A, alpha=s)
-            grad_x = grad_x.reshape(*grad_out.shape[:-1], weight.shape[1])
+                grad_x = (g @ weight).addmm_(gb, lora_A)
+            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
         if needs_a:
-            grad_A = (gb.T @ x_lora) * s  # (r, in)
+            grad_A = gb.T @ x_lora  # (r, in)
         if needs_bb:
-            grad_B = (g.T @ xa) * s  # (out, r)
+            grad_B = ((xa.T * s) @ g).T  # (out, r)
         if needs_b:  # a trainable bias (peft's bias="lora_only" style): its gradient is free
             grad_bias = g.sum(dim=0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None

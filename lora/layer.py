@@ -70,10 +70,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        # Which forward: False the plain one (peft's, op for op), True the fused one (lora/fused.py),
-        # None chooses (fused when training, see use_fused). Plain stays the default until the
-        # benchmarks in benchmarks/ show the fused path faster on every case they run.
-        self.fused: bool | None = False
+        # Which forward: None chooses (the fused one while training, see use_fused), True the fused
+        # one (lora/fused.py), False the plain one (peft's operations, op for op, bit for bit).
+        self.fused: bool | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

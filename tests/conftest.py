@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora import inject_lora, lora_layers, merge_and_unload
+from lora import inject_lora, lora_layers, merge_and_unload, use_fused_lora
 from training.models import load_model, tiny_model
 
 TINY_MODELS = ("tiny-qwen2", "tiny-llama")
@@ -58,6 +58,7 @@ def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropo
 
     ours = copy.deepcopy(base)
     inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout)
+    use_fused_lora(ours, False)  # the plain path: peft's operations in peft's order (the fused one: test_fused.py)
     randomize_lora(ours, seed)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     theirs = get_peft_model(copy.deepcopy(base), config)

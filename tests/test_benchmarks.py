@@ -1,12 +1,16 @@
 """The benchmark scripts run on the tiny model and report every variant (numbers: benchmarks/README.md)."""
 
+import pytest
 import torch
+from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen2Config
 
 from benchmarks.inference import VARIANTS as INFERENCE_VARIANTS
 from benchmarks.inference import main as inference
-from benchmarks.lora_step import RANDOM_SHAPES, VARIANTS
+from benchmarks.lora_step import RANDOM_SHAPES, VARIANTS, paired_ratio
 from benchmarks.lora_step import main as lora_step
+from benchmarks.thin_matmul import main as thin_matmul
+from benchmarks.thin_matmul import products
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -33,3 +37,22 @@ def test_random_qwen_shape_has_qwen2_5_0_5b_parameter_count():
     with torch.device("meta"):  # shapes only: no 2 GB of random weights
         model = AutoModelForCausalLM.from_config(Qwen2Config(**RANDOM_SHAPES["random-qwen2.5-0.5b"]))
     assert sum(parameter.numel() for parameter in model.parameters()) == 494_032_768  # Qwen2.5-0.5B's, tied
+
+
+def test_paired_ratio_is_the_median_of_the_ratios_within_each_round():
+    seconds = {"floor": [1.0, 2.0, 4.0], "fused": [1.1, 2.6, 4.0]}  # rounds 2 and 3 ran on a slower machine
+    assert paired_ratio(seconds, "fused", "floor") == pytest.approx(1.1, rel=1e-12)  # ratios 1.1, 1.3, 1.0
+
+
+def test_thin_products_give_the_same_numbers_in_both_orders():
+    generator = torch.Generator().manual_seed(0)
+    x, g, A, B = (torch.randn(*shape, generator=generator) for shape in ((32, 24), (32, 20), (4, 24), (20, 4)))
+    for name, (columns, rows) in products(x, g, A, B).items():
+        assert_close(rows(), columns(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_thin_matmul_benchmark_reports_every_product_in_both_dtypes(capsys):
+    assert thin_matmul(["--tokens", "16", "--in", "8", "--out", "8", "--r", "2", "--repeats", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [(row[0], row[1]) for row in rows] == [(name, dtype) for dtype in ("float32", "bfloat16")
+                                                  for name in products(*[torch.zeros(1, 1)] * 4)]

@@ -145,5 +145,7 @@ def test_automatic_choice_is_fused_when_training_and_plain_without_grad(tiny):
         layer(torch.randn(1, 64))
 
 
-def test_plain_path_is_the_default():
-    assert LoRALinear(nn.Linear(4, 4), r=2, alpha=4).fused is False
+def test_automatic_choice_is_the_default():
+    layer = LoRALinear(nn.Linear(4, 4), r=2, alpha=4)
+    assert layer.fused is None
+    assert layer.use_fused()

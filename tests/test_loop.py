@@ -90,6 +90,7 @@ def test_a_runs_config_json_repeats_the_run(tmp_path):
         (["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
         (["--stride", "600"], r"--stride must be in \[1, max_length=512\]"),
         (["--task", "translate"], "--task must be one of llmtime, instruct"),
+        (["--lora-path", "fast"], "--lora-path must be one of auto, fused, plain, got 'fast'"),
     ],
 )
 def test_bad_setting_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -177,6 +178,16 @@ def test_same_seed_and_settings_give_the_same_losses(tmp_path):
     assert metrics(tmp_path / "a", "loss") == metrics(tmp_path / "b", "loss")
     assert main(run_args(tmp_path, *args, "--seed", "1", name="c")) == 0
     assert metrics(tmp_path / "c", "loss") != metrics(tmp_path / "a", "loss")
+
+
+def test_fused_and_plain_lora_paths_give_the_same_losses(tmp_path):
+    # The same math in a different order (lora/fused.py): float32 rounding apart, with dropout too.
+    args = ("--max-steps", "5", "--eval-every", "5", "--dropout", "0.1")
+    for path in ("fused", "plain"):
+        assert main(run_args(tmp_path, *args, "--lora-path", path, name=path)) == 0
+    fused, plain = (metrics(tmp_path / path, "loss") for path in ("fused", "plain"))
+    assert fused.keys() == plain.keys()
+    assert_close(torch.tensor(list(fused.values())), torch.tensor(list(plain.values())), rtol=1e-5, atol=0)
 
 
 def test_instruct_task_trains_on_a_jsonl_file(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 TASKS = ("llmtime", "instruct")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LORA_PATHS = ("auto", "fused", "plain")
 
 
 def option(default, advice: str):
@@ -35,6 +36,8 @@ class TrainConfig:
     r: int = option(8, "rank of B·A; 8 is plenty for one narrow task, raise it only if the loss plateaus high")
     alpha: float = option(16.0, "scaling is alpha / r; keep alpha = 2 r and retune nothing when r changes")
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
+    lora_path: str = option("auto", "auto: the fused LoRA layer while training (lora/fused.py: the same math in "
+                            "fewer passes), plain without gradients; fused: always; plain: peft's ops, op for op")
     # The optimisation.
     lr: float = option(1e-3, "peak learning rate; LoRA tolerates ~10x the rate of full fine-tuning")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay; about a tenth of lr")
@@ -70,6 +73,8 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         checks = [
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.lora_path in LORA_PATHS,
+             f"--lora-path must be one of {', '.join(LORA_PATHS)}, got {self.lora_path!r}"),
             (self.precision in PRECISIONS,
              f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
             (self.alpha > 0, f"--alpha must be > 0, got {self.alpha}"),

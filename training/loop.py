@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from eval.flops import flops_of_model, format_flops
 from eval.perplexity import summed_token_nll
-from lora import inject_lora, save_adapter, trainable_parameters_line
+from lora import inject_lora, save_adapter, trainable_parameters_line, use_fused_lora
 from lora.adapter import write_atomically
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.collate import PadCollator, length_grouped_batches
@@ -161,6 +161,7 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
+    use_fused_lora(model, {"auto": None, "fused": True, "plain": False}[config.lora_path])
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes activations without needing the input to
         # require grad, so the gradients of A and B still flow through a frozen base.
