@@ -2,7 +2,8 @@
 
 Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a model),
 ``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk),
-``fused`` (the same layer with a hand-written backward, for speed).
+``fused`` (the same layer with a hand-written backward, for speed), ``nf4`` (a 4-bit frozen
+base: QLoRA).
 """
 
 from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
@@ -17,13 +18,16 @@ from lora.inject import (
 )
 from lora.layer import LoRALinear
 from lora.merge import merge_and_unload, merge_lora, unmerge_lora
+from lora.nf4 import NF4Linear, dequantize_model, quantize_model
 from lora.parameters import count_parameters, print_trainable_parameters, trainable_parameters_line
 
 __all__ = [
     "LoRALinear",
+    "NF4Linear",
     "adapter_config",
     "adapter_state_dict",
     "count_parameters",
+    "dequantize_model",
     "disable_lora",
     "find_linear_modules",
     "fused_lora",
@@ -34,6 +38,7 @@ __all__ = [
     "merge_and_unload",
     "merge_lora",
     "print_trainable_parameters",
+    "quantize_model",
     "save_adapter",
     "trainable_parameters_line",
     "unmerge_lora",

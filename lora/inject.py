@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from lora.layer import LoRALinear, check_hyperparameters
+from lora.nf4 import NF4Linear
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -41,7 +42,8 @@ def find_linear_modules(model: nn.Module) -> list[str]:
 
     Layers already wrapped by LoRA are listed under their own name, not as ``....base_layer``.
     """
-    return [name for name, module in candidate_modules(model) if isinstance(module, (nn.Linear, LoRALinear))]
+    return [name for name, module in candidate_modules(model)
+            if isinstance(module, (nn.Linear, NF4Linear, LoRALinear))]
 
 
 def matches_target(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -70,10 +72,11 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
             continue
         if isinstance(module, LoRALinear):
             raise ValueError(f"{name} already has LoRA; inject once, or merge_and_unload(model) first")
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, (nn.Linear, NF4Linear)):
             raise TypeError(
                 f"{name} matches {target_modules!r} but is a {type(module).__name__}, not an nn.Linear; "
-                "LoRALinear wraps nn.Linear only: choose Linear targets (see find_linear_modules(model))"
+                "LoRALinear wraps nn.Linear (or its 4-bit NF4Linear) only: choose Linear targets "
+                "(see find_linear_modules(model))"
             )
         targets.append(name)
     if not targets:
@@ -89,7 +92,7 @@ def inject_lora(
     alpha: float = 16,
     dropout: float = 0.0,
 ) -> list[str]:
-    """Replace every targeted ``nn.Linear`` of ``model`` with a ``LoRALinear``, in place.
+    """Replace every targeted ``nn.Linear`` (or 4-bit ``NF4Linear``) of ``model`` with a ``LoRALinear``, in place.
 
     Then freeze every parameter that is not a LoRA A or B, so only the adapter trains.
 

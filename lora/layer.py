@@ -10,11 +10,13 @@ Only A and B are trained: r * (in + out) parameters instead of in * out.
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
 
 from lora.fused import fused_lora
+from lora.nf4 import NF4Linear
 
 
 def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
@@ -36,26 +38,28 @@ class LoRALinear(nn.Module):
 
     Shapes: ``(..., in_features) -> (..., out_features)``.
 
-    The frozen layer is held, not inherited from, as ``base_layer``; the update is
+    The frozen layer is held, not inherited from, as ``base_layer``: an ``nn.Linear``, or an
+    ``NF4Linear`` (4-bit, ``lora/nf4.py``: QLoRA), whose A and B take the original weight's dtype.
+    The update is
     ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``, both without bias.
     These names make the state-dict keys the ones Hugging Face peft reads and writes.
 
     Args:
-        base: the pretrained layer to adapt. Its weight and bias are frozen here.
+        base: the pretrained layer to adapt, ``nn.Linear`` or ``NF4Linear``. Its weight and bias are frozen here.
         r: the rank of the update. Memory and compute of the adapter grow linearly with it.
         alpha: the update is scaled by ``alpha / r``. Keeping alpha fixed while varying r
             "reduces the need to retune hyperparameters when we vary r" (LoRA paper, §4.1).
         dropout: dropout on the input of the low-rank path only; the base path sees x as is.
 
     Raises:
-        TypeError: ``base`` is not an ``nn.Linear``.
+        TypeError: ``base`` is neither an ``nn.Linear`` nor an ``NF4Linear``.
         ValueError: r <= 0, alpha <= 0, or dropout outside [0, 1).
     """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps an nn.Linear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, NF4Linear)):
+            raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         check_hyperparameters(r, alpha, dropout)
         self.base_layer = base.requires_grad_(False)
         # Plain Python numbers (not numpy's), so the adapter config can be written as JSON.
@@ -63,7 +67,9 @@ class LoRALinear(nn.Module):
         self.alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
         self.dropout = float(dropout)
         self.scaling = self.alpha / self.r
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        quantized = isinstance(base, NF4Linear)
+        factory = {"device": base.codes.device if quantized else base.weight.device,
+                   "dtype": base.dtype if quantized else base.weight.dtype}
         self.lora_A = nn.Linear(base.in_features, self.r, bias=False, **factory)
         self.lora_B = nn.Linear(self.r, base.out_features, bias=False, **factory)
         # Identity rather than Dropout(0.0): the same module peft uses, and no wasted kernel.
@@ -100,6 +106,11 @@ class LoRALinear(nn.Module):
         Without gradients (inference, generation) the plain path is faster: in float32 the fused
         one would form the merged weight, ``in * out * r`` FLOPs, for every call, even for one token.
         """
+        if isinstance(self.base_layer, NF4Linear):
+            if self.fused:
+                raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
+                                 "plain path: set layer.fused = None")
+            return False  # the fused path would keep a dequantized W for the backward, undoing the 4 bits
         if self.fused is not None:
             return self.fused
         training_lora = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
@@ -113,7 +124,8 @@ class LoRALinear(nn.Module):
         rounds once (when adding to W) rather than twice.
         """
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
-        return delta.to(self.base_layer.weight.dtype)
+        base = self.base_layer
+        return delta.to(base.dtype if isinstance(base, NF4Linear) else base.weight.dtype)  # 4-bit: its original dtype
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -122,7 +134,10 @@ class LoRALinear(nn.Module):
         Dropout is skipped while merged, so merge for inference, not for training.
         """
         if not self.merged:
-            self.base_layer.weight.add_(self.delta_weight())
+            if isinstance(self.base_layer, NF4Linear):
+                self.requantize(self.delta_weight())
+            else:
+                self.base_layer.weight.add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
@@ -132,8 +147,24 @@ class LoRALinear(nn.Module):
         Exact up to float rounding: in bf16 or fp16, W + ΔW - ΔW can differ from W in the last bit.
         """
         if self.merged:
-            self.base_layer.weight.sub_(self.delta_weight())
+            if isinstance(self.base_layer, NF4Linear):
+                self.requantize(-self.delta_weight())
+            else:
+                self.base_layer.weight.sub_(self.delta_weight())
             self.merged = False
+
+    @torch.no_grad()
+    def requantize(self, delta: torch.Tensor) -> None:
+        """A 4-bit base: W <- NF4(dequantize(W) + delta). Rounds, so it warns.
+
+        The sum is rounded back to 4 bits, to keep the layer 4-bit: the merged layer then differs
+        from base + LoRA by up to half a code step per weight, and unmerging rounds again instead
+        of restoring the original codes. ``dequantize_model(model)`` first merges exactly, in full size.
+        """
+        warnings.warn("merging LoRA into a 4-bit base rounds W + ΔW to NF4 again, so outputs change by the "
+                      "rounding; for an exact merge call lora.dequantize_model(model) first", stacklevel=3)
+        base = self.base_layer
+        base.store(base.dequantize(torch.float32) + delta.float())
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -167,5 +167,5 @@ def test_bad_hyperparameters_are_rejected(kwargs, message):
 
 
 def test_non_linear_base_is_rejected():
-    with pytest.raises(TypeError, match="wraps an nn.Linear, got Conv1d"):
+    with pytest.raises(TypeError, match="wraps an nn.Linear or an NF4Linear, got Conv1d"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2, alpha=4)

@@ -91,6 +91,8 @@ def test_a_runs_config_json_repeats_the_run(tmp_path):
         (["--stride", "600"], r"--stride must be in \[1, max_length=512\]"),
         (["--task", "translate"], "--task must be one of llmtime, instruct"),
         (["--lora-path", "fast"], "--lora-path must be one of auto, fused, plain, got 'fast'"),
+        (["--quantize", "int8"], "--quantize must be one of none, nf4, got 'int8'"),
+        (["--double-quant"], "--double-quant needs --quantize nf4"),
     ],
 )
 def test_bad_setting_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -178,6 +180,19 @@ def test_same_seed_and_settings_give_the_same_losses(tmp_path):
     assert metrics(tmp_path / "a", "loss") == metrics(tmp_path / "b", "loss")
     assert main(run_args(tmp_path, *args, "--seed", "1", name="c")) == 0
     assert metrics(tmp_path / "c", "loss") != metrics(tmp_path / "a", "loss")
+
+
+def test_a_bare_boolean_flag_means_true():
+    config, _ = parse_config(["--quantize", "nf4", "--double-quant"])
+    assert config.double_quant is True
+    assert parse_config(["--double-quant", "false"])[0].double_quant is False
+
+
+def test_4bit_base_with_double_quant_trains_with_falling_loss(tmp_path):
+    args = ("--max-steps", "30", "--eval-every", "30", "--lr", "3e-3", "--quantize", "nf4", "--double-quant")
+    config, _ = parse_config(run_args(tmp_path, *args))
+    summary = train(config)
+    assert summary["val_loss_end"] < summary["val_loss_start"]
 
 
 def test_fused_and_plain_lora_paths_give_the_same_losses(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 TASKS = ("llmtime", "instruct")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LORA_PATHS = ("auto", "fused", "plain")
+QUANTIZATIONS = ("none", "nf4")
 
 
 def option(default, advice: str):
@@ -38,6 +39,10 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
     lora_path: str = option("auto", "auto: the fused LoRA layer while training (lora/fused.py: the same math in "
                             "fewer passes), plain without gradients; fused: always; plain: peft's ops, op for op")
+    quantize: str = option("none", "nf4: hold the frozen base in 4 bits (QLoRA, lora/nf4.py), every Linear but "
+                           "lm_head; none: as loaded")
+    double_quant: bool = option(False, "with --quantize nf4, quantize the absmax constants too: about 4.127 bits "
+                                "a weight instead of 4.5")
     # The optimisation.
     lr: float = option(1e-3, "peak learning rate; LoRA tolerates ~10x the rate of full fine-tuning")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay; about a tenth of lr")
@@ -73,6 +78,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         checks = [
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.quantize in QUANTIZATIONS,
+             f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"),
+            (not self.double_quant or self.quantize == "nf4", "--double-quant needs --quantize nf4"),
             (self.lora_path in LORA_PATHS,
              f"--lora-path must be one of {', '.join(LORA_PATHS)}, got {self.lora_path!r}"),
             (self.precision in PRECISIONS,
@@ -128,7 +136,8 @@ def build_parser(prog: str = "python -m training.loop") -> argparse.ArgumentPars
         flag = "--" + spec.name.replace("_", "-")
         kind = {int: int, float: float, bool: _parse_bool}.get(spec.type, str)
         # SUPPRESS: only flags actually given override --config; the defaults come from the dataclass.
-        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=spec.name.upper(),
+        switch = dict(nargs="?", const=True) if spec.type is bool else {}  # a bare --flag means true
+        parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=spec.name.upper(), **switch,
                             help=f"{spec.metadata['help']} (default: {spec.default})")
     return parser
 

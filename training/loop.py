@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from eval.flops import flops_of_model, format_flops
 from eval.perplexity import summed_token_nll
-from lora import inject_lora, save_adapter, trainable_parameters_line, use_fused_lora
+from lora import inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
 from lora.adapter import write_atomically
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.collate import PadCollator, length_grouped_batches
@@ -156,7 +156,9 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training recomputes everything
 
-    # 3. LoRA on the targets; everything else frozen.
+    # 3. LoRA on the targets; everything else frozen (and, with --quantize nf4, held in 4 bits first).
+    if config.quantize == "nf4":
+        quantize_model(model, double_quant=config.double_quant)
     try:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout)
     except (ValueError, TypeError) as error:

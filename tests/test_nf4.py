@@ -1,0 +1,260 @@
+"""NF4 quantization (lora/nf4.py): the code book, blockwise absmax, packing, double quantization, the layer."""
+
+import copy
+
+import pytest
+import torch
+from conftest import token_batch
+from torch import nn
+from torch.testing import assert_close
+
+from lora import LoRALinear, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lora.nf4 import (
+    NF4,
+    NF4Linear,
+    dequantize_absmax,
+    dequantize_model,
+    dequantize_nf4,
+    quantize_absmax,
+    quantize_blocks,
+    quantize_model,
+    quantize_nf4,
+)
+
+# Appendix E of the QLoRA paper (Dettmers et al., 2023), as printed there and in bitsandbytes.
+PUBLISHED_NF4 = [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                 -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                 0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                 0.7229568362236023, 1.0]
+
+
+def normal_weight(rows=256, cols=192, seed=0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.02
+
+
+def test_code_book_equals_the_qlora_papers_values():
+    assert_close(NF4, torch.tensor(PUBLISHED_NF4), rtol=0, atol=1e-6)  # float64 quantiles against float32's
+
+
+def test_code_book_is_ascending_from_minus_one_to_one_with_an_exact_zero():
+    assert (NF4[1:] > NF4[:-1]).all()
+    assert NF4[0] == -1 and NF4[-1] == 1 and NF4[7] == 0
+
+
+def test_each_weight_is_within_half_a_code_gap_of_its_block_absmax():
+    weight = normal_weight()
+    codes, absmax = quantize_nf4(weight)
+    error = (dequantize_nf4(codes, absmax, weight.shape) - weight).view(-1, 64).abs()
+    half_widest_gap = (NF4[1:] - NF4[:-1]).max() / 2
+    assert (error <= absmax[:, None] * half_widest_gap * (1 + 1e-6)).all()
+
+
+def test_block_absmax_is_stored_exactly():
+    # The largest |w| of each block maps to the code -1 or 1, so it comes back exactly.
+    weight = normal_weight()
+    codes, absmax = quantize_nf4(weight)
+    blocks, _ = quantize_blocks(weight, 64)
+    largest = blocks.gather(1, blocks.abs().argmax(dim=1, keepdim=True))
+    assert_close(dequantize_nf4(codes, absmax, weight.shape).view(-1, 64).gather(
+        1, blocks.abs().argmax(dim=1, keepdim=True)), largest, rtol=0, atol=0)
+
+
+def test_nf4_beats_uniform_4bit_on_normal_weights():
+    weight = normal_weight()
+    blocks, absmax = quantize_blocks(weight, 64)
+    uniform = torch.linspace(-1, 1, 16)  # 16 evenly spaced levels, the same absmax blocks
+    scaled = blocks / absmax[:, None]
+    uniform_error = ((uniform[(scaled[..., None] - uniform).abs().argmin(-1)] - scaled) * absmax[:, None]).square()
+    nf4_error = (dequantize_nf4(*quantize_nf4(weight), weight.shape) - weight).square()
+    assert nf4_error.mean() < uniform_error.mean()
+
+
+def test_two_codes_per_byte_high_nibble_first():
+    weight = torch.zeros(64)
+    weight[:3] = torch.tensor([-1.0, 1.0, 0.0])  # codes 0, 15, 7
+    codes, absmax = quantize_nf4(weight)
+    assert codes.dtype == torch.uint8 and codes.numel() == 32
+    assert codes[:2].tolist() == [0 << 4 | 15, 7 << 4 | 7]
+    assert_close(dequantize_nf4(codes, absmax, weight.shape), weight, rtol=0, atol=0)
+
+
+def test_weight_not_a_multiple_of_the_block_is_padded_and_cut_back():
+    weight = normal_weight(5, 7)  # 35 weights: one block of 64, 29 of them padding
+    codes, absmax = quantize_nf4(weight)
+    assert codes.numel() == 32 and absmax.numel() == 1
+    restored = dequantize_nf4(codes, absmax, weight.shape)
+    assert restored.shape == weight.shape
+    assert (restored - weight).abs().max() <= absmax * (NF4[1:] - NF4[:-1]).max() / 2
+
+
+def test_all_zero_block_stays_zero():
+    codes, absmax = quantize_nf4(torch.zeros(128))
+    assert_close(dequantize_nf4(codes, absmax, torch.Size((128,))), torch.zeros(128), rtol=0, atol=0)
+
+
+def test_odd_block_size_is_refused():
+    with pytest.raises(ValueError, match="block_size must be a positive even number"):
+        quantize_nf4(torch.zeros(10), block_size=5)
+
+
+def test_double_quantized_absmax_is_within_half_an_8bit_step():
+    absmax = normal_weight(64, 64).abs().view(-1, 64).amax(dim=1).repeat(20) * torch.linspace(0.5, 2, 1280)
+    codes, scales, mean = quantize_absmax(absmax)
+    restored = dequantize_absmax(codes, scales, mean, absmax.numel())
+    # float8 e4m3 keeps 3 mantissa bits: in its top binade [256, 448] the step is 32, so 16 at most.
+    block_max = (absmax - mean).abs().view(-1, 256).amax(dim=1)
+    bound = block_max * 16 / 448
+    assert ((restored - absmax).abs().view(-1, 256) <= bound[:, None] * (1 + 1e-5)).all()
+
+
+@pytest.mark.parametrize("double_quant, bits", [(False, 4.5), (True, 4.127)], ids=["nf4", "double_quant"])
+def test_storage_bits_per_weight(double_quant, bits):
+    layer = NF4Linear(nn.Linear(1024, 1024), double_quant=double_quant)
+    measured = layer.storage_bits() / (1024 * 1024)
+    assert measured == pytest.approx(bits, abs=5e-4)
+
+
+def test_layer_output_is_the_dequantized_weights_output():
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 80)
+    layer = NF4Linear(linear)
+    x = torch.randn(3, 5, 96)
+    assert_close(layer(x), x @ layer.dequantize().T + linear.bias, rtol=1e-6, atol=1e-6)
+
+
+def test_input_gradient_flows_and_codes_and_bias_never_change():
+    torch.manual_seed(0)
+    layer = NF4Linear(nn.Linear(96, 80), double_quant=True)
+    codes, bias = layer.codes.clone(), layer.bias.detach().clone()
+    x = torch.randn(4, 96, requires_grad=True)
+    grad_out = torch.randn(4, 80)
+    layer(x).backward(grad_out)
+    assert_close(x.grad, grad_out @ layer.dequantize(), rtol=1e-6, atol=1e-6)
+    assert layer.bias.grad is None
+    assert torch.equal(layer.codes, codes) and torch.equal(layer.bias, bias)
+
+
+def test_no_dequantized_weight_is_kept_for_the_backward():
+    layer = NF4Linear(nn.Linear(96, 80))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        layer(torch.randn(4, 96, requires_grad=True)).sum().backward()
+    assert torch.Size((80, 96)) not in saved
+
+
+def test_bf16_autocast_computes_in_bf16():
+    layer = NF4Linear(nn.Linear(96, 80))
+    x = torch.randn(4, 96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
+def test_quantize_model_replaces_every_linear_but_the_head(tiny):
+    linears = [name for name, module in tiny.named_modules() if isinstance(module, nn.Linear)]
+    quantized = quantize_model(tiny)
+    assert quantized == [name for name in linears if name != "lm_head"]
+    assert all(isinstance(tiny.get_submodule(name), NF4Linear) for name in quantized)
+    assert isinstance(tiny.lm_head, nn.Linear)
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "double_quant"])
+def test_quantized_tiny_model_logits_move_no_more_than_its_weights(tiny, double_quant):
+    ids = token_batch(tiny)
+    weights = {name: m.weight.detach().clone() for name, m in tiny.named_modules()
+               if isinstance(m, nn.Linear) and name != "lm_head"}
+    with torch.no_grad():
+        expected = tiny(ids).logits
+        quantize_model(tiny, double_quant=double_quant)
+        logits = tiny(ids).logits
+    error = sum((tiny.get_submodule(name).dequantize() - w).square().sum() for name, w in weights.items())
+    weight_error = (error / sum(w.square().sum() for w in weights.values())).sqrt()  # relative, all layers
+    logit_error = (logits - expected).norm() / expected.norm()
+    # Each layer's output moves by about its weights' relative error, about 9% at 4 bits; through
+    # the residual stream the layers' errors partly add up, partly cancel.
+    assert weight_error < 0.1
+    assert logit_error < 1.5 * weight_error
+
+
+# --- LoRA on a 4-bit base (QLoRA) -----------------------------------------------------------------------------
+
+
+def test_lora_on_a_4bit_base_is_the_dequantized_base_plus_the_update():
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear(nn.Linear(96, 80)), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(3, 96)
+    base = layer.base_layer
+    expected = x @ base.dequantize().T + base.bias + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
+    assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    assert layer.lora_A.weight.dtype == torch.float32 and not layer.use_fused()
+
+
+def test_qlora_training_moves_a_and_b_and_never_the_codes(tiny):
+    quantize_model(tiny, double_quant=True)
+    codes = {name: module.codes.clone() for name, module in tiny.named_modules() if isinstance(module, NF4Linear)}
+    inject_lora(tiny, ["q_proj", "v_proj"], r=4)
+    before = {name: p.detach().clone() for name, p in tiny.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW([p for p in tiny.parameters() if p.requires_grad], lr=1e-2)
+    ids = token_batch(tiny)
+    losses = []
+    for _ in range(5):
+        loss = tiny(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert set(before) == {n for n, _ in tiny.named_parameters() if "lora_" in n}
+    assert all(not torch.equal(p, before[n]) for n, p in tiny.named_parameters() if n in before and "lora_A" in n)
+    for name, module in tiny.named_modules():
+        if isinstance(module, NF4Linear):
+            assert torch.equal(module.codes, codes[name.removesuffix(".base_layer")])
+
+
+def test_merging_into_a_4bit_base_warns_and_rounds_the_sum_to_nf4():
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear(nn.Linear(96, 80)), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    merged_weight = layer.base_layer.dequantize() + layer.delta_weight()
+    with pytest.warns(UserWarning, match="rounds W \\+ ΔW to NF4 again"):
+        layer.merge()
+    codes, absmax = quantize_nf4(merged_weight)
+    assert torch.equal(layer.base_layer.codes, codes)
+    assert_close(layer.base_layer.absmax, absmax, rtol=0, atol=0)
+
+
+def test_dequantize_model_then_merge_is_exact(tiny):
+    quantize_model(tiny)
+    inject_lora(tiny, ["q_proj", "v_proj"], r=4)
+    for _, layer in lora_layers(tiny):
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    ids = token_batch(tiny)
+    with torch.no_grad():
+        expected = tiny(ids).logits
+        dequantized = dequantize_model(tiny)
+        assert dequantized and not any(isinstance(m, NF4Linear) for m in tiny.modules())
+        merge_lora(tiny)
+        assert_close(tiny(ids).logits, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_forcing_the_fused_path_on_a_4bit_base_names_the_fix():
+    layer = LoRALinear(NF4Linear(nn.Linear(64, 64)), r=2, alpha=4)
+    layer.fused = True
+    with pytest.raises(ValueError, match="needs an nn.Linear base.*set layer.fused = None"):
+        layer(torch.randn(1, 64))
+
+
+def test_adapter_trained_on_a_4bit_base_loads_into_the_full_precision_model(tiny, tmp_path):
+    full = copy.deepcopy(tiny)
+    quantize_model(tiny)
+    inject_lora(tiny, ["q_proj", "v_proj"], r=4)
+    for _, layer in lora_layers(tiny):
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    save_adapter(tiny, tmp_path / "adapter")
+    assert load_adapter(full, tmp_path / "adapter") == [name for name, _ in lora_layers(tiny)]
+    for (_, mine), (_, theirs) in zip(lora_layers(full), lora_layers(tiny)):
+        assert_close(mine.lora_A.weight, theirs.lora_A.weight, rtol=0, atol=0)
+        assert_close(mine.lora_B.weight, theirs.lora_B.weight, rtol=0, atol=0)
