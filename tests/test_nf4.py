@@ -258,3 +258,20 @@ def test_adapter_trained_on_a_4bit_base_loads_into_the_full_precision_model(tiny
     for (_, mine), (_, theirs) in zip(lora_layers(full), lora_layers(tiny)):
         assert_close(mine.lora_A.weight, theirs.lora_A.weight, rtol=0, atol=0)
         assert_close(mine.lora_B.weight, theirs.lora_B.weight, rtol=0, atol=0)
+
+
+# --- Against bitsandbytes, the reference NF4 (the test extras install it; skipped where it does not run) ---------
+
+
+def test_code_book_codes_and_dequantized_weights_equal_bitsandbytes():
+    bnb = pytest.importorskip("bitsandbytes.functional")
+    weight = normal_weight()
+    try:
+        packed, state = bnb.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+    except (RuntimeError, NotImplementedError) as error:  # a build without this device's kernels
+        pytest.skip(f"bitsandbytes cannot quantize on this machine: {error}")
+    assert_close(NF4, bnb.get_4bit_type("nf4", device="cpu"), rtol=0, atol=1e-6)
+    codes, absmax = quantize_nf4(weight)
+    assert torch.equal(codes, packed.flatten())  # the same nearest codes, packed the same way
+    assert_close(absmax, state.absmax, rtol=0, atol=0)
+    assert_close(dequantize_nf4(codes, absmax, weight.shape), bnb.dequantize_4bit(packed, state), rtol=1e-6, atol=0)
