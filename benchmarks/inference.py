@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, timed
+from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, paired_ratio, timed
 from eval.generate import generate
 from lora import inject_lora, lora_layers, merge_lora
 from training.models import EMBEDDED
@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=8, help="(%(default)s)")
     parser.add_argument("--targets", default="q_proj,v_proj", help="(%(default)s)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (%(default)s)")
-    parser.add_argument("--steps", type=int, default=8, help="timed rounds; the median is reported (%(default)s)")
+    parser.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (%(default)s)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -62,23 +62,25 @@ def main(argv=None) -> int:
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{args.model} on {device} ({name}), {args.precision}; LoRA r={args.r} on {args.targets}; "
-          f"median of {args.steps} interleaved rounds after one warm-up round")
+          f"median of {args.steps} interleaved rounds after one warm-up round; ratios are medians of the "
+          "ratios within a round")
     results = {}
     for workload, run in (("prefill", prefill), ("decode", decode)):
         for model in models.values():
             run(model)  # warm-up
         seconds = {variant: [] for variant in models}
-        for _ in range(args.steps):
-            for variant, model in models.items():
-                seconds[variant].append(timed(lambda: run(model), device))
-        results[workload] = {variant: statistics.median(times) for variant, times in seconds.items()}
+        for step in range(args.steps):
+            order = VARIANTS[step % len(VARIANTS):] + VARIANTS[:step % len(VARIANTS)]  # none always first
+            for variant in order:
+                seconds[variant].append(timed(lambda: run(models[variant]), device))
+        results[workload] = {variant: (statistics.median(times), paired_ratio(seconds, variant, "base"))
+                             for variant, times in seconds.items()}
 
     print(f"| variant | prefill {args.batch} x {args.seq}, s | / base | decode {args.new_tokens} tokens, s | / base |")
     print("| --- | --- | --- | --- | --- |")
     for variant in models:
-        prefill_s, decode_s = results["prefill"][variant], results["decode"][variant]
-        print(f"| {variant} | {prefill_s:.3f} | {prefill_s / results['prefill']['base']:.3f} | "
-              f"{decode_s:.3f} | {decode_s / results['decode']['base']:.3f} |")
+        (prefill_s, prefill_ratio), (decode_s, decode_ratio) = results["prefill"][variant], results["decode"][variant]
+        print(f"| {variant} | {prefill_s:.3f} | {prefill_ratio:.3f} | {decode_s:.3f} | {decode_ratio:.3f} |")
     return 0
 
 

@@ -9,6 +9,8 @@ from benchmarks.inference import VARIANTS as INFERENCE_VARIANTS
 from benchmarks.inference import main as inference
 from benchmarks.lora_step import RANDOM_SHAPES, VARIANTS, paired_ratio
 from benchmarks.lora_step import main as lora_step
+from benchmarks.qlora import BASES, build, weight_bytes
+from benchmarks.qlora import main as qlora
 from benchmarks.thin_matmul import main as thin_matmul
 from benchmarks.thin_matmul import products
 
@@ -56,3 +58,15 @@ def test_thin_matmul_benchmark_reports_every_product_in_both_dtypes(capsys):
     rows = table_rows(capsys.readouterr().out)
     assert [(row[0], row[1]) for row in rows] == [(name, dtype) for dtype in ("float32", "bfloat16")
                                                   for name in products(*[torch.zeros(1, 1)] * 4)]
+
+
+def test_qlora_benchmark_reports_each_base_asked_for(capsys):
+    # Two of the four: each base's memory is measured in a process of its own, seconds each.
+    args = ["--model", "tiny-llama", "--seq", "16", "--warmup", "0", "--steps", "1", "--bases", "fp32,nf4-dq"]
+    assert qlora(args) == 0
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["fp32", "nf4-dq"]
+
+
+def test_qlora_bases_hold_fewer_weight_bytes_in_order(tiny):
+    sizes = {base: weight_bytes(build(tiny, base, r=4, targets=["q_proj"], device="cpu")[0]) for base in BASES}
+    assert sizes["nf4-dq"] < sizes["nf4"] < sizes["bf16"] < sizes["fp32"]
