@@ -51,7 +51,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
     batch_size: int = option(2, "sequences per micro-batch; memory grows with batch_size x max_length")
     grad_accum: int = option(1, "micro-batches per optimizer step; raises the effective batch at no memory cost")
-    max_steps: int = option(150, "optimizer steps; about 3.5 s each for the default model on 2 CPU cores")
+    max_steps: int = option(150, "optimizer steps; about 4 s each for the default model on 2 CPU cores")
     epochs: float = option(0.0, "if > 0, train this many passes over the data instead of max_steps")
     max_length: int = option(512, "tokens per training window; the model's context while training")
     stride: int = option(256, "tokens between window starts; max_length - stride tokens overlap")
