@@ -10,7 +10,9 @@ on top in 16 or 32. Three ideas make 4 bits enough:
    of its nearest code, 4 bits, two per byte. One outlier then spoils only its own block.
 3. Double quantization: the absmax constants (a float32 per 64 weights, 0.5 bit per weight)
    are quantized too, to 8-bit floats in blocks of 256 after subtracting their mean:
-   ``8 / 64 + 32 / (64 * 256)`` = 0.127 bit per weight instead of 0.5.
+   ``8 / 64 + 32 / (64 * 256)`` = 0.127 bit per weight instead of 0.5. Here the 8-bit float is
+   PyTorch's ``float8_e4m3fn``; bitsandbytes uses a code book of its own ("dynamic" 8-bit), so
+   double-quantized constants agree with its to within 8-bit rounding, not bit for bit.
 
 Storage per weight: 4.5 bits, or about 4.127 with double quantization, against 16 for bf16.
 """
