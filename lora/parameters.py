@@ -2,14 +2,21 @@
 
 from torch import nn
 
+from lora.nf4 import NF4Linear
+
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts of ``model``; a tied weight counts once."""
+    """``(trainable, total)`` parameter counts of ``model``; a tied weight counts once.
+
+    A 4-bit ``NF4Linear`` holds its weight as packed codes, not as a parameter; it counts as
+    the ``out x in`` frozen weights it stands for, so quantizing does not change the total.
+    """
     trainable = total = 0
     for parameter in model.parameters():
         total += parameter.numel()
         if parameter.requires_grad:
             trainable += parameter.numel()
+    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
     return trainable, total
 
 

@@ -8,7 +8,7 @@ from conftest import token_batch
 from torch import nn
 from torch.testing import assert_close
 
-from lora import LoRALinear, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lora import LoRALinear, count_parameters, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
 from lora.nf4 import (
     NF4,
     NF4Linear,
@@ -275,3 +275,9 @@ def test_code_book_codes_and_dequantized_weights_equal_bitsandbytes():
     assert torch.equal(codes, packed.flatten())  # the same nearest codes, packed the same way
     assert_close(absmax, state.absmax, rtol=0, atol=0)
     assert_close(dequantize_nf4(codes, absmax, weight.shape), bnb.dequantize_4bit(packed, state), rtol=1e-6, atol=0)
+
+
+def test_quantizing_leaves_the_total_parameter_count_unchanged(tiny):
+    _, before = count_parameters(tiny)
+    quantize_model(tiny, double_quant=True)
+    assert count_parameters(tiny)[1] == before
