@@ -73,6 +73,16 @@ def build(base, variant: str, r: int, dropout: float, targets: list[str], device
     return model, optimizer
 
 
+STATUS = Path("/proc/self/status")
+
+
+def resident_bytes(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process from /proc; NaN where there is no /proc."""
+    if not STATUS.exists():
+        return float("nan")
+    return int(next(line for line in STATUS.read_text().splitlines() if line.startswith(field)).split()[1]) * 1024
+
+
 def timed(function, device: str) -> float:
     """Wall-clock seconds of ``function()``, waiting for the GPU's queued work on both sides."""
     if device == "cuda":
@@ -150,9 +160,8 @@ def child_memory(args, device: str) -> None:
         train_step(model, optimizer, args.child_memory, ids, args.precision == "bf16")
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 1e9
-    elif Path("/proc/self/status").exists():  # Linux: VmHWM, as getrusage's maxrss survives exec (the parent's)
-        status = Path("/proc/self/status").read_text()
-        peak = int(next(line for line in status.splitlines() if line.startswith("VmHWM")).split()[1]) * 1024 / 1e9
+    elif STATUS.exists():  # Linux: VmHWM, as getrusage's maxrss survives exec (the parent's)
+        peak = resident_bytes("VmHWM") / 1e9
     else:  # macOS: getrusage reports maxrss in bytes
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9
     print(json.dumps({"variant": args.child_memory, "peak_gb": peak}))

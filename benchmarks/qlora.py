@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, paired_ratio, timed
+from benchmarks.lora_step import RANDOM_SHAPES, STATUS, load_benchmark_model, paired_ratio, resident_bytes, timed
 from lora import inject_lora, lora_layers, quantize_model
 from training.loop import cpu_supports_bf16
 from training.models import EMBEDDED
@@ -79,25 +79,18 @@ def child_memory(args, device: str) -> None:
     model, optimizer = build(load_benchmark_model(args.model), args.child_memory, args.r, args.targets, device,
                              copy_base=False)
     gc.collect()
-    status = Path("/proc/self/status")
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    elif status.exists():
+    elif STATUS.exists():
         Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak resident set (VmHWM) to now
-    before = resident_bytes(status, "VmRSS") if device == "cpu" else torch.cuda.memory_allocated()
+    before = resident_bytes("VmRSS") if device == "cpu" else torch.cuda.memory_allocated()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     for _ in range(3):
         train_step(model, optimizer, ids, use_autocast(device))
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes(status, "VmHWM")
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
     print(json.dumps({"base": args.child_memory, "weight_bytes": weight_bytes(model), "before_bytes": before,
                       "peak_bytes": peak}))
 
-
-def resident_bytes(status: Path, field: str) -> float:
-    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process from /proc; NaN where there is no /proc."""
-    if not status.exists():
-        return float("nan")
-    return int(next(line for line in status.read_text().splitlines() if line.startswith(field)).split()[1]) * 1024
 
 
 def main(argv=None) -> int:
