@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.lora_step import RANDOM_SHAPES, STATUS, load_benchmark_model, paired_ratio, resident_bytes, timed
+from benchmarks.lora_step import (
+    RANDOM_SHAPES,
+    STATUS,
+    load_benchmark_model,
+    paired_ratio,
+    resident_bytes,
+    timed,
+    train_step,
+)
 from lora import inject_lora, lora_layers, quantize_model
 from training.loop import cpu_supports_bf16
 from training.models import EMBEDDED
@@ -62,14 +70,6 @@ def weight_bytes(model) -> int:
     return sum(storages.values())
 
 
-def train_step(model, optimizer, ids: torch.Tensor, autocast: bool) -> None:
-    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
 def use_autocast(device: str) -> bool:
     return device == "cuda" or cpu_supports_bf16()
 
@@ -86,7 +86,7 @@ def child_memory(args, device: str) -> None:
     before = resident_bytes("VmRSS") if device == "cpu" else torch.cuda.memory_allocated()
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     for _ in range(3):
-        train_step(model, optimizer, ids, use_autocast(device))
+        train_step(model, optimizer, "lora", ids, use_autocast(device))
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else resident_bytes("VmHWM")
     print(json.dumps({"base": args.child_memory, "weight_bytes": weight_bytes(model), "before_bytes": before,
                       "peak_bytes": peak}))
@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     ids = ids.to(device)
     for _ in range(args.warmup):
         for model, optimizer in models.values():
-            train_step(model, optimizer, ids, autocast)
+            train_step(model, optimizer, "lora", ids, autocast)
     seconds = {base: [] for base in models}
     for step in range(args.steps):
         for base in args.bases[step % len(args.bases):] + args.bases[:step % len(args.bases)]:
             model, optimizer = models[base]
-            seconds[base].append(timed(lambda: train_step(model, optimizer, ids, autocast), device))
+            seconds[base].append(timed(lambda: train_step(model, optimizer, "lora", ids, autocast), device))
 
     reference = args.bases[0]
     print(f"| base | weights MB | resident before training MB | peak training MB | median s/step | / {reference} |")

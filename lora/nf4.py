@@ -21,6 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lora.fused import compute_dtype
+
 # The code book's outermost quantile: halfway between where the last of 15 and of 16 evenly
 # spaced probability bins puts its centre, 1 - 1/(2*15) and 1 - 1/(2*16) (QLoRA, appendix E;
 # bitsandbytes' create_normal_map uses the same 0.9677).
@@ -106,7 +108,7 @@ class DequantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, layer: "NF4Linear"):
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(x)
         ctx.layer, ctx.dtype = layer, dtype
         bias = layer.bias.to(dtype) if layer.bias is not None else None
         return F.linear(x.to(dtype), layer.dequantize(dtype), bias)
