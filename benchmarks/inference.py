@@ -18,8 +18,8 @@ import torch
 
 from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, paired_ratio, timed
 from eval.generate import generate
-from lora import inject_lora, lora_layers, merge_lora
-from training.models import EMBEDDED
+from lora import inject_lora, lora_layers, merge_lora, parse_targets
+from models.loader import EMBEDDED
 
 VARIANTS = ("base", "un-merged", "merged")
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     base = load_benchmark_model(args.model)
     base.to(device).eval()
     adapted = copy.deepcopy(base)
-    inject_lora(adapted, args.targets.split(","), r=args.r, alpha=2 * args.r)
+    inject_lora(adapted, parse_targets(args.targets), r=args.r, alpha=2 * args.r)
     torch.manual_seed(0)
     for _, layer in lora_layers(adapted):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.01)

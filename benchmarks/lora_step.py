@@ -7,8 +7,8 @@ them all alike:
 - floor: the frozen model with gradients flowing to its input but to no weight: the least
   work any LoRA on every layer can do (the backward must still pass through every layer);
 - peft: Hugging Face peft's LoRA on the same modules;
-- plain: ``LoRALinear`` on its plain path (peft's operations, op for op);
-- fused: ``LoRALinear`` on its fused path (``lora/fused.py``).
+- plain: ``LoRALinear`` on its plain path, the default (peft's operations, op for op);
+- fused: ``LoRALinear`` on its opt-in fused path (``lora/fused.py``, ``use_fused_lora(model, True)``).
 
     python -m benchmarks.lora_step                       # the embedded model, batch 4 x 256, r 8, float32
     python -m benchmarks.lora_step --precision bf16 --r 64 --dropout 0.05
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from lora import disable_lora, inject_lora, use_fused_lora
-from training.models import EMBEDDED, load_model
+from lora import disable_lora, inject_lora, parse_targets, use_fused_lora
+from models.loader import EMBEDDED, load_model
 
 VARIANTS = ("floor", "peft", "plain", "fused")
 
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     parser.add_argument("--memory", action="store_true", help="also measure peak memory, a process per variant")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.targets, args.variants = args.targets.split(","), args.variants.split(",")
+    args.targets, args.variants = parse_targets(args.targets), args.variants.split(",")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child_memory:
         child_memory(args, device)

@@ -1,7 +1,9 @@
 """Memory and seconds per LoRA training step, the frozen base held in float32, bf16, NF4 or NF4 double-quantized.
 
 Every variant trains the same LoRA (float32 A and B, bf16 autocast where the device has it, as
-the training loop does) on a base stored four ways:
+the training loop does) on a base stored four ways, the full-size ones with LoRA on its fused path
+(``use_fused_lora``, as benchmarks/README.md measured them), the 4-bit ones on the plain path, the
+only one a 4-bit base takes:
 
 - fp32: the weights as loaded;
 - bf16: every weight cast to bf16 (half the bytes);
@@ -37,9 +39,9 @@ from benchmarks.lora_step import (
     timed,
     train_step,
 )
-from lora import inject_lora, lora_layers, quantize_model
-from training.loop import cpu_supports_bf16
-from training.models import EMBEDDED
+from lora import inject_lora, lora_layers, parse_targets, quantize_model, use_fused_lora
+from models.loader import EMBEDDED
+from models.precision import cpu_supports_bf16
 
 BASES = ("fp32", "bf16", "nf4", "nf4-dq")
 
@@ -53,6 +55,7 @@ def build(base_model, base: str, r: int, targets: list[str], device: str, copy_b
         quantize_model(model, double_quant=base == "nf4-dq")
     torch.manual_seed(0)
     inject_lora(model, targets, r=r, alpha=2 * r)
+    use_fused_lora(model, not base.startswith("nf4"))
     for _, layer in lora_layers(model):  # float32 adapters on every base, as the loop keeps them
         layer.lora_A.float()
         layer.lora_B.float()
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed rounds; the median is reported (%(default)s)")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    args.targets, args.bases = args.targets.split(","), args.bases.split(",")
+    args.targets, args.bases = parse_targets(args.targets), args.bases.split(",")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child_memory:
         child_memory(args, device)

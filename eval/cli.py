@@ -5,7 +5,7 @@ import argparse
 import torch
 
 from lora import load_adapter
-from training.models import EMBEDDED, load_model
+from models.loader import EMBEDDED, load_model
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

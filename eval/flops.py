@@ -54,25 +54,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
-from transformers import AutoConfig, LlamaConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
-from lora.inject import lora_layers, short_names
-from training.models import EMBEDDED, TINY_CONFIGS, tiny_model
+from lora.inject import lora_layers, parse_targets, short_names
+from models.loader import EMBEDDED, TINY_CONFIGS, load_config
 
 # The projections in each Llama/Qwen2 decoder layer: the LoRA targets whose FLOPs are counted here.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# SmolLM2-135M-Instruct's shape, so its FLOPs can be counted without loading the weights.
-SMOLLM2_CONFIG = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    head_dim=64,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-)
 
 
 @dataclass(frozen=True)
@@ -332,19 +320,6 @@ def flops_of_model(model: nn.Module, seq_len: int, train: bool = True) -> FlopCo
     return transformer_flops(model.config, seq_len, targets, ranks[0] if ranks else 0, train)
 
 
-def model_config(name: str) -> PretrainedConfig:
-    """The config of ``name`` without loading any weights: SmolLM2's shape, a tiny model's, or a config.json."""
-    if name == EMBEDDED:
-        return LlamaConfig(**SMOLLM2_CONFIG)
-    if name in TINY_CONFIGS:
-        return tiny_model(name).config
-    try:
-        return AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        raise ValueError(f"{name}: no config.json there nor in the local Hugging Face cache; "
-                         f"use {EMBEDDED}, {', '.join(TINY_CONFIGS)}, or a model folder") from None
-
-
 def format_flops(value: float) -> str:
     """``value`` with an SI prefix, e.g. ``2.7e8`` -> ``'270.0 M'``."""
     for prefix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
@@ -394,9 +369,9 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=positive_int, default=8, help="LoRA rank")
     parser.add_argument("--targets", default="q_proj,v_proj", help="comma-separated projections adapted")
     args = parser.parse_args(argv)
-    targets = [name.strip() for name in args.targets.split(",") if name.strip()]
+    targets = parse_targets(args.targets)
     try:
-        config = model_config(args.model)
+        config = load_config(args.model)
         shape = shape_of(config)
         table = flops_table(config, args.seq_len, args.batch, args.steps, targets, args.r)
     except ValueError as error:

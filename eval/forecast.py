@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.llmtime import decode, encode, fit_scaler
+from data.tasks import task_split
 from eval.cli import add_model_arguments, load_model_and_adapter
 from eval.generate import generate
 from lora import disable_lora
-from training.llmtime import decode, encode, fit_scaler
-from training.lotka_volterra import create_dataset, load_dataset
-from training.tasks import DATASET_SEED
 
 LINEAR_WINDOW = 5  # context steps the linear baseline fits; few enough to follow the current trend
 
@@ -199,10 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/forecast"), help="folder for the table and plot")
     args = parser.parse_args(argv)
     try:
-        if args.data and not Path(args.data).is_file():
-            raise FileNotFoundError(f"{args.data}: no such data file; --data takes a .npz written by save_dataset")
-        dataset = load_dataset(args.data) if args.data else create_dataset(seed=DATASET_SEED)
-        series = dataset.split("test")[: args.systems]
+        series = task_split("llmtime", "test", args.data)[: args.systems]
         if args.context < 2 or args.horizon < 1 or args.context + args.horizon > series.shape[1]:
             raise ValueError(f"--context {args.context} + --horizon {args.horizon} must fit in the series' "
                              f"{series.shape[1]} steps, with a context of at least 2")

@@ -35,9 +35,10 @@ from collections.abc import Sequence
 
 import torch
 
+from data.sequences import pad_token_id
 from eval.cli import add_model_arguments, load_model_and_adapter
+from eval.mode import eval_mode
 from lora import disable_lora
-from training.sequences import pad_token_id
 
 # Out-of-distribution instructions for --novel: nothing like them is in the training data, so the
 # adapter's answers show what fine-tuning did to the model's general behaviour.
@@ -246,7 +247,7 @@ def generate(
     Generation stops early when every row is finished.
 
     Args:
-        model: a transformers causal LM; put in eval mode here (no dropout).
+        model: a transformers causal LM; in eval mode while generating (no dropout), its own mode after.
         input_ids: the prompts, ``(batch, prompt)``.
         max_new_tokens: the most tokens to add to each row.
         temperature, top_k, top_p: as in ``sample_next_token``; the default, temperature 0, is greedy.
@@ -264,42 +265,42 @@ def generate(
             stop_strings without a tokenizer.
     """
     check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
-    model.eval()
-    generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
-    # After a row finishes, its positions hold the EOS id; with stop strings alone, the tokenizer's pad id.
-    fill_id = eos_token_id
-    if fill_id is None and stop_strings:
-        fill_id = pad_token_id(tokenizer)
+    with eval_mode(model):  # no dropout while generating; the caller's train/eval mode comes back after
+        generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
+        # After a row finishes, its positions hold the EOS id; with stop strings alone, the tokenizer's pad id.
+        fill_id = eos_token_id
+        if fill_id is None and stop_strings:
+            fill_id = pad_token_id(tokenizer)
 
-    # 1. Prefill: one forward over the whole prompt puts the keys and values of every prompt
-    #    position in the cache and gives the distribution of the first new token.
-    logits, cache = forward_with_cache(model, input_ids, None, attention_mask)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    new_tokens = []
-    for step in range(max_new_tokens):
-        # 2. Pick each row's next token; a finished row gets the fill id instead. Finished rows are
-        #    still sampled, so every step draws the same random numbers however many rows are done.
-        next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
-        if fill_id is not None:
-            next_ids = next_ids.masked_fill(finished, fill_id)
-        new_tokens.append(next_ids)
+        # 1. Prefill: one forward over the whole prompt puts the keys and values of every prompt
+        #    position in the cache and gives the distribution of the first new token.
+        logits, cache = forward_with_cache(model, input_ids, None, attention_mask)
+        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        new_tokens = []
+        for step in range(max_new_tokens):
+            # 2. Pick each row's next token; a finished row gets the fill id instead. Finished rows are
+            #    still sampled, so every step draws the same random numbers however many rows are done.
+            next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
+            if fill_id is not None:
+                next_ids = next_ids.masked_fill(finished, fill_id)
+            new_tokens.append(next_ids)
 
-        # 3. A row is finished at EOS, or when its new text contains a stop string.
-        if eos_token_id is not None:
-            finished |= next_ids == eos_token_id
-        if stop_strings:
-            generated = torch.stack(new_tokens, dim=1)
-            for row in (~finished).nonzero().flatten().tolist():
-                text = tokenizer.decode(generated[row])
-                finished[row] = any(stop in text for stop in stop_strings)
-        if finished.all() or step == max_new_tokens - 1:
-            break
+            # 3. A row is finished at EOS, or when its new text contains a stop string.
+            if eos_token_id is not None:
+                finished |= next_ids == eos_token_id
+            if stop_strings:
+                generated = torch.stack(new_tokens, dim=1)
+                for row in (~finished).nonzero().flatten().tolist():
+                    text = tokenizer.decode(generated[row])
+                    finished[row] = any(stop in text for stop in stop_strings)
+            if finished.all() or step == max_new_tokens - 1:
+                break
 
-        # 4. Feed only the new token: the cache holds everything before it.
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_ids), 1)], dim=1)
-        logits, cache = forward_with_cache(model, next_ids[:, None], cache, attention_mask)
-    return torch.stack(new_tokens, dim=1)
+            # 4. Feed only the new token: the cache holds everything before it.
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_ids), 1)], dim=1)
+            logits, cache = forward_with_cache(model, next_ids[:, None], cache, attention_mask)
+        return torch.stack(new_tokens, dim=1)
 
 
 # --- The command ----------------------------------------------------------------------------------------------------

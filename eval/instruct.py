@@ -15,11 +15,11 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
+from data.tasks import task_split
+from data.template import format_prompt
 from eval.cli import add_model_arguments, load_model_and_adapter
 from eval.generate import generate
 from lora import disable_lora
-from training.instructions import format_prompt, generate_tasks, load_instructions, split
-from training.tasks import DATASET_SEED, GENERATED_TASKS
 
 
 def answer(model, tokenizer, example: dict, max_new_tokens: int = 32) -> str:
@@ -52,8 +52,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32, help="(%(default)s)")
     args = parser.parse_args(argv)
     try:
-        records = load_instructions(args.data) if args.data else generate_tasks(GENERATED_TASKS, seed=DATASET_SEED)
-        test = split(records)[2][: args.limit]
+        test = task_split("instruct", "test", args.data)[: args.limit]
         model, tokenizer = load_model_and_adapter(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -14,31 +14,38 @@ its prompt, as it was trained.
 import argparse
 import math
 import sys
-from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
 
+from data.collate import PadCollator
+from data.sequences import IGNORE_INDEX, pad_token_id
+from data.tasks import series_texts, task_split, windows
+from data.tokenization import tokenize_examples
 from eval.cli import add_model_arguments, load_model_and_adapter
-from training.collate import PadCollator
-from training.instructions import generate_tasks, load_instructions, split, tokenize_examples
-from training.lotka_volterra import create_dataset, load_dataset
-from training.sequences import IGNORE_INDEX, pad_token_id
-from training.tasks import DATASET_SEED, GENERATED_TASKS, series_texts, windows
+from eval.mode import eval_mode
+from models.precision import FP32, Precision
 
 
-def summed_token_nll(model, batch: dict[str, torch.Tensor], autocast=nullcontext) -> tuple[float, int]:
-    """``(sum of -log p over the labelled tokens, how many)`` for one padded batch.
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of ``batch`` are predicted and scored: labels other than -100, after the shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def summed_token_nll(model, batch: dict[str, torch.Tensor], precision: Precision = FP32) -> torch.Tensor:
+    """The sum of -log p(token | the tokens before it) over the labelled tokens of one padded batch.
 
     Position t predicts token t + 1, so the logits drop their last position and the labels
-    their first (the shift transformers applies inside ``model(..., labels=...)``).
+    their first (the shift transformers applies inside ``model(..., labels=...)``). A sum, not a
+    mean: divided by ``label_tokens`` of one batch it is the model's own loss, and divided by the
+    label tokens of several batches it weighs every token the same (the training loop's
+    gradient accumulation, ``training/loop.py``). Differentiable; ``.item()`` for a number.
     """
-    with autocast():
+    with precision.autocast(batch["input_ids"].device):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll.item(), int((labels != IGNORE_INDEX).sum())
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def unconditional(example: dict) -> dict:
@@ -48,12 +55,14 @@ def unconditional(example: dict) -> dict:
 
 
 @torch.no_grad()
-def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, conditional: bool = True) -> dict:
+def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, conditional: bool = True,
+               precision: Precision = FP32) -> dict:
     """Perplexity of ``model`` over ``examples`` (dicts of input_ids, attention_mask, labels).
 
     Args:
         conditional: True scores only the labelled tokens (for instruction examples, the
             answer given the prompt); False scores every real token, prompt included.
+        precision: the dtype the matmuls run in (``models.precision``); fp32 by default.
 
     Returns:
         ``{"loss": mean negative log-likelihood per token, "perplexity": exp(loss), "tokens": count}``.
@@ -65,25 +74,22 @@ def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, co
         examples = [unconditional(example) for example in examples]
     collate = PadCollator(pad_id)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
-        nll, n = summed_token_nll(model, batch)
-        total, count = total + nll, count + n
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
+            total += summed_token_nll(model, batch, precision).item()
+            count += label_tokens(batch)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 
 
 def held_out_examples(task: str, tokenizer, data: str | None, max_length: int) -> list[dict]:
-    """The test split of a task: held-out Lotka-Volterra systems, or the test part of the instruction split."""
+    """The test part of a task (``data.tasks.task_split``), tokenized: windows of held-out systems, or records."""
+    test = task_split(task, "test", data)
     if task == "llmtime":
-        dataset = load_dataset(data) if data else create_dataset(seed=DATASET_SEED)
-        return windows(series_texts(dataset.split("test")), tokenizer, max_length, max_length // 2)
-    records = load_instructions(data) if data else generate_tasks(GENERATED_TASKS, seed=DATASET_SEED)
-    return tokenize_examples(split(records)[2], tokenizer, max_length)[0]
+        return windows(series_texts(test), tokenizer, max_length, max_length // 2)
+    return tokenize_examples(test, tokenizer, max_length)[0]
 
 
 def main(argv=None) -> int:

@@ -2,8 +2,9 @@
 
 Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a model),
 ``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk),
-``fused`` (the same layer with a hand-written backward, for speed), ``nf4`` (a 4-bit frozen
-base: QLoRA).
+``fused`` (the same layer with a hand-written backward, for speed: opt-in with
+``use_fused_lora(model, True)``; the layer's one-line forward is the default), ``nf4`` (a 4-bit
+frozen base: QLoRA).
 """
 
 from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
@@ -14,6 +15,7 @@ from lora.inject import (
     inject_lora,
     lora_layers,
     mark_only_lora_trainable,
+    parse_targets,
     use_fused_lora,
 )
 from lora.layer import LoRALinear
@@ -37,6 +39,7 @@ __all__ = [
     "mark_only_lora_trainable",
     "merge_and_unload",
     "merge_lora",
+    "parse_targets",
     "print_trainable_parameters",
     "quantize_model",
     "save_adapter",

@@ -12,8 +12,6 @@ safetensors stores raw tensors, so loading an adapter never unpickles (never run
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora.atomic import replace_folder_atomically
 from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
 from lora.layer import check_hyperparameters
 
@@ -94,34 +93,33 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     }
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(temporary_path)`` in ``path``'s folder, then rename onto ``path``.
-
-    A crash midway leaves either the old file or the new one, never half of one.
-    """
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())  # on disk before the rename makes it the real file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write the LoRA weights and config of ``model`` to ``folder`` (created if needed); return the folder.
 
-    The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``.
+    The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``. The two
+    files are written into a new folder beside ``folder``, which is then swapped in whole
+    (``replace_folder_atomically``): a reader, or a crash, finds the old pair or the new pair,
+    never new weights beside an old config.
+
+    Raises:
+        ValueError: ``model`` has no LoRA layers (see ``adapter_config``), or ``folder`` holds
+            files other than an adapter's, which replacing the folder would delete.
+        NotADirectoryError: ``folder`` is a file.
     """
     folder = Path(folder)
     config = adapter_config(model, base_model_name_or_path)
     tensors = {key: tensor.contiguous() for key, tensor in adapter_state_dict(model).items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_atomically(folder / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
-    write_atomically(folder / CONFIG_NAME, lambda path: path.write_text(json.dumps(config, indent=2) + "\n"))
+    if folder.is_dir():
+        others = sorted(path.name for path in folder.iterdir() if path.name not in (WEIGHTS_NAME, CONFIG_NAME))
+        if others:
+            raise ValueError(f"{folder} holds {others[0]}, not only an adapter; saving replaces the whole folder, "
+                             "so choose a new or empty one")
+
+    def write(temporary: Path) -> None:
+        save_file(tensors, temporary / WEIGHTS_NAME, metadata={"format": "pt"})
+        (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    replace_folder_atomically(folder, write)
     return folder
 
 

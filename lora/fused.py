@@ -1,14 +1,18 @@
 """A fused LoRA forward and backward, written by hand: fewer passes over the activations.
 
-The plain path, ``base(x) + B(A(dropout(x))) * s``, is five kernels forward (three matmuls,
-a scale, an add) and, backward, autograd adds the input gradient of the LoRA branch to the
-base's in yet another pass. LoRA's own FLOPs are tiny (r << in, out), so what costs time is
-those extra passes over ``(tokens, out)`` activations. This path does the same math in fewer:
+The plain path, ``base(x) + B(A(dropout(x))) * s``, is ``LoRALinear``'s default, its
+``forward`` as written; this one is opt-in, ``use_fused_lora(model, True)``, and tested against
+it (``tests/test_fused.py``). The plain path is five kernels forward (three matmuls, a scale, an
+add) and, backward, autograd adds the input gradient of the LoRA branch to the base's in yet
+another pass. LoRA's own FLOPs are tiny (r << in, out), so what costs time is those extra
+passes over ``(tokens, out)`` activations. This path does the same math in fewer:
 
-Forward, float32 and dropout 0: one matmul through the merged weight, ``x W'^T + b`` with
-``W' = W + s B A``. Forming ``W'`` costs ``in * out * r`` FLOPs, small next to the matmul's
-``tokens * in * out`` when there are many more tokens than r (training), large when there are
-few (decoding one token at a time): so ``LoRALinear`` takes this path only when training.
+Forward, float32 and dropout 0: one matmul through a merged weight, ``x W'^T + b`` with
+``W' = W + s B A`` formed for the call and dropped (``through_merged_weight``; unlike
+``LoRALinear.merge``, W itself never changes). Forming ``W'`` costs ``in * out * r`` FLOPs,
+small next to the matmul's ``tokens * in * out`` when there are many more tokens than r
+(training), large when there are few (decoding one token at a time): so a ``LoRALinear`` asked
+for this path takes it only while gradients are enabled, and the plain one without them.
 
 Backward, with ``g`` the gradient of the output, ``(tokens, out)``::
 
@@ -51,7 +55,8 @@ class FusedLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling: float, dropout: float):
         if weight.requires_grad:
-            raise ValueError("the fused LoRA path keeps the base weight frozen; set layer.fused = False to train it")
+            raise ValueError("the fused LoRA path keeps the base weight frozen; to train it, use the plain path: "
+                             "use_fused_lora(model, False)")
         # Cast everything to the dtype the plain path computes in; the ops below then find their
         # inputs already in autocast's dtype, so autocast changes nothing inside.
         dtype = compute_dtype(x)
@@ -62,36 +67,36 @@ class FusedLoRA(torch.autograd.Function):
         # The rank-r products are taken as (r, tokens) matrices and used transposed: BLAS runs a
         # product with r rows 2-3x faster than one with r columns, in float32 (benchmarks/README.md).
         xa = (lora_A @ x_lora.T).T  # (tokens, r)
-        merge = dropout == 0 and dtype == torch.float32
-        if merge:  # one matmul through W' = W + s B A
+        through_merged_weight = dropout == 0 and dtype == torch.float32
+        if through_merged_weight:  # one matmul through W' = W + s B A, formed for this call and dropped
             out = F.linear(x2d, torch.addmm(weight, lora_B, lora_A, alpha=scaling), bias)
         else:  # x W^T + b, then s (x A^T) B^T added in place by the kernel that multiplies it
             out = F.linear(x2d, weight, bias).addmm_(xa, lora_B.T, alpha=scaling)
         ctx.save_for_backward(x_lora, xa, mask, weight, lora_A, lora_B)
-        ctx.scaling, ctx.dropout, ctx.merge = scaling, dropout, merge
+        ctx.scaling, ctx.dropout, ctx.through_merged_weight = scaling, dropout, through_merged_weight
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_out):
         x_lora, xa, mask, weight, lora_A, lora_B = ctx.saved_tensors
         s, p = ctx.scaling, ctx.dropout
-        needs_x, _, needs_b, needs_a, needs_bb = ctx.needs_input_grad[:5]
+        needs_x, _, needs_bias, needs_A, needs_B = ctx.needs_input_grad[:5]  # the inputs of forward, in order
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(xa.dtype)  # (tokens, out)
         gb = (lora_B.T @ g.T).T.mul_(s)  # s g B, (tokens, r): scaled once here, so no (r, in) or (out, r) pass later
         grad_x = grad_bias = grad_A = grad_B = None
         if needs_x:
-            if ctx.merge:
+            if ctx.through_merged_weight:
                 grad_x = g @ torch.addmm(weight, lora_B, lora_A, alpha=s)
             elif p > 0:  # the LoRA branch's input gradient goes back through dropout: the mask, and 1 / (1 - p)
                 grad_x = (g @ weight).addcmul_(gb @ lora_A, mask, value=1.0 / (1.0 - p))
             else:
                 grad_x = (g @ weight).addmm_(gb, lora_A)
             grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
-        if needs_a:
+        if needs_A:
             grad_A = gb.T @ x_lora  # (r, in)
-        if needs_bb:
+        if needs_B:
             grad_B = ((xa.T * s) @ g).T  # (out, r)
-        if needs_b:  # a trainable bias (peft's bias="lora_only" style): its gradient is free
+        if needs_bias:  # a trainable bias (peft's bias="lora_only" style): its gradient is free
             grad_bias = g.sum(dim=0)
         return grad_x, None, grad_bias, grad_A, grad_B, None, None
 

@@ -148,15 +148,38 @@ def disable_lora(model: nn.Module):
             layer.merge()
 
 
-def use_fused_lora(model: nn.Module, fused: bool | None = True) -> int:
-    """Set which forward every ``LoRALinear`` in ``model`` takes; return how many layers were set.
+def use_fused_lora(model: nn.Module, fused: bool) -> int:
+    """Put every ``LoRALinear`` in ``model`` on the fused path (True) or back on the plain one (False).
 
-    Args:
-        fused: True, the fused path (``lora/fused.py``: the same math, fewer passes over the
-            activations); False, the plain path (peft's, op for op); None, fused while training
-            and plain otherwise (``LoRALinear.use_fused``).
+    The plain path, ``LoRALinear.forward``'s one line, is the default. The fused one
+    (``lora/fused.py``) is the same math with a hand-written backward and fewer passes over the
+    activations, equal to the plain one up to float rounding; a layer takes it only while
+    gradients are enabled (without them the plain one is faster) and refuses it for a trained
+    base weight (its backward gives W no gradient).
+
+    Returns:
+        How many layers were set.
+
+    Raises:
+        TypeError: ``fused`` is not True or False.
+        ValueError: ``fused`` is True and a layer's base is a 4-bit ``NF4Linear``, which only the
+            plain path takes; no layer is changed.
     """
-    layers = [layer for _, layer in lora_layers(model)]
-    for layer in layers:
-        layer.fused = fused
+    layers = list(lora_layers(model))
+    before = [layer.fused for _, layer in layers]
+    for index, (name, layer) in enumerate(layers):
+        try:
+            layer.fused = fused  # LoRALinear.fused refuses a base the fused path cannot take
+        except ValueError as error:
+            for (_, earlier), value in zip(layers[:index], before):  # all layers or none
+                earlier.fused = value
+            raise ValueError(f"{name}: {error}") from None
     return len(layers)
+
+
+def parse_targets(text: str) -> list[str]:
+    """A comma-separated list of module names as a list: ``"q_proj, v_proj"`` -> ``["q_proj", "v_proj"]``.
+
+    Spaces around names and empty entries are dropped. The one place the command lines split ``--targets``.
+    """
+    return [name.strip() for name in text.split(",") if name.strip()]

@@ -10,7 +10,6 @@ Only A and B are trained: r * (in + out) parameters instead of in * out.
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import nn
@@ -20,7 +19,12 @@ from lora.nf4 import NF4Linear
 
 
 def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
-    """Raise ``ValueError`` naming the first LoRA hyperparameter that is out of range."""
+    """Raise ``ValueError`` naming the first LoRA hyperparameter that is out of range.
+
+    The one owner of what is valid: ``LoRALinear``, ``inject_lora``, adapter configs and the
+    training config all call it. Each message starts with the parameter's name (``r must be ...``),
+    so a command line can put ``--`` in front of it.
+    """
     if not _is_number(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive integer (the rank of B @ A), got {r!r}")
     if not _is_number(alpha, numbers.Real) or not alpha > 0:
@@ -44,11 +48,25 @@ class LoRALinear(nn.Module):
     ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``, both without bias.
     These names make the state-dict keys the ones Hugging Face peft reads and writes.
 
+    The layer asks its base's weight W three things: its dtype and device (for A and B, and for
+    ΔW) and to add ΔW in place (``merge``). ``nn.Linear.weight`` is a tensor and answers them as
+    tensors do (``.dtype``, ``.device``, ``.add_``); an ``NF4Linear`` answers the same three for
+    the weight its codes stand for (``add_`` dequantizes, adds and rounds back to 4 bits, with a
+    warning). So ``_frozen_weight`` is the one place that tells the bases apart for these; the
+    fused path, which multiplies by an ``nn.Linear``'s weight tensor itself, has one check of its
+    own (``_check_fusable``).
+
+    ``forward`` is the formula above, one line, by default: peft's operations in peft's order,
+    equal to peft bit for bit. ``use_fused_lora(model, True)`` (or ``layer.fused = True``) opts
+    into the same math with a hand-written backward (``lora/fused.py``), taken while gradients
+    are enabled.
+
     Args:
         base: the pretrained layer to adapt, ``nn.Linear`` or ``NF4Linear``. Its weight and bias are frozen here.
         r: the rank of the update. Memory and compute of the adapter grow linearly with it.
-        alpha: the update is scaled by ``alpha / r``. Keeping alpha fixed while varying r
-            "reduces the need to retune hyperparameters when we vary r" (LoRA paper, §4.1).
+        alpha: the update is scaled by ``alpha / r``. The LoRA paper holds alpha fixed while r
+            varies: "This scaling helps to reduce the need to retune hyperparameters when we
+            vary r" (§4.1). (``alpha = 2 * r`` for every r instead fixes the scaling at 2.)
         dropout: dropout on the input of the low-rank path only; the base path sees x as is.
 
     Raises:
@@ -56,7 +74,7 @@ class LoRALinear(nn.Module):
         ValueError: r <= 0, alpha <= 0, or dropout outside [0, 1).
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
@@ -67,18 +85,14 @@ class LoRALinear(nn.Module):
         self.alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
         self.dropout = float(dropout)
         self.scaling = self.alpha / self.r
-        quantized = isinstance(base, NF4Linear)
-        factory = {"device": base.codes.device if quantized else base.weight.device,
-                   "dtype": base.dtype if quantized else base.weight.dtype}
-        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, **factory)
-        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, **factory)
+        weight = self._frozen_weight()
+        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype)
+        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
         # Identity rather than Dropout(0.0): the same module peft uses, and no wasted kernel.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        # Which forward: None chooses (the fused one while training, see use_fused), True the fused
-        # one (lora/fused.py), False the plain one (peft's operations, op for op, bit for bit).
-        self.fused: bool | None = None
+        self._fused = False  # the plain path, forward's one line, unless opted into (see fused)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -91,80 +105,90 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
+    def _frozen_weight(self) -> torch.Tensor | NF4Linear:
+        """W as this layer uses it: an ``nn.Linear``'s weight tensor, or the ``NF4Linear`` itself,
+        which answers ``.dtype``, ``.device`` and ``.add_(delta)`` for its 4-bit weight as a tensor would."""
+        base = self.base_layer
+        return base if isinstance(base, NF4Linear) else base.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (alpha / r) * B(A(dropout(x)))``, ``(..., in_features) -> (..., out_features)``."""
         if self.merged or self.disabled:
             return self.base_layer(x)
         if self.use_fused():
-            # The same math with a hand-written backward and fewer passes over x (lora/fused.py).
+            # Opted into: the same math with a hand-written backward and fewer passes over x (lora/fused.py).
             return fused_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
                               self.lora_B.weight, self.scaling, self.dropout if self.training else 0.0)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
 
+    @property
+    def fused(self) -> bool:
+        """Whether this layer was asked for the fused path (``lora/fused.py``); False, the plain one, by default.
+
+        Set it for a whole model with ``use_fused_lora(model, True)`` (and back with ``False``).
+
+        Raises (on setting True):
+            ValueError: the base is a 4-bit ``NF4Linear``, which only the plain path takes.
+        """
+        return self._fused
+
+    @fused.setter
+    def fused(self, fused: bool) -> None:
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be True or False, got {fused!r}")
+        if fused:
+            self._check_fusable()
+        self._fused = fused
+
     def use_fused(self) -> bool:
-        """Whether ``forward`` takes the fused path: as forced by ``self.fused``, else when only A and B train.
+        """Whether ``forward`` takes the fused path now: when ``fused`` asks for it and gradients are enabled.
 
         Without gradients (inference, generation) the plain path is faster: in float32 the fused
         one would form the merged weight, ``in * out * r`` FLOPs, for every call, even for one token.
         """
+        if not self.fused:
+            return False
+        self._check_fusable()  # again: the base may have been quantized since fused was set
+        return torch.is_grad_enabled()
+
+    def _check_fusable(self) -> None:
+        """Refuse the fused path for a 4-bit base: its backward would keep a dequantized W, undoing the 4 bits."""
         if isinstance(self.base_layer, NF4Linear):
-            if self.fused:
-                raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
-                                 "plain path: set layer.fused = None")
-            return False  # the fused path would keep a dequantized W for the backward, undoing the 4 bits
-        if self.fused is not None:
-            return self.fused
-        training_lora = self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad
-        return torch.is_grad_enabled() and training_lora and not self.base_layer.weight.requires_grad
+            raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
+                             "plain path: use_fused_lora(model, False)")
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
-        """The update ΔW = (alpha / r) * B @ A, shape (out_features, in_features), in the base's dtype.
+        """The update ΔW = (alpha / r) * B @ A, shape (out_features, in_features), in the base weight's dtype.
 
         The product is taken in float32 even for a bf16 or fp16 base, so that merging
-        rounds once (when adding to W) rather than twice.
+        rounds once (when adding to W) rather than twice. A 4-bit base: its original dtype.
         """
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
-        base = self.base_layer
-        return delta.to(base.dtype if isinstance(base, NF4Linear) else base.weight.dtype)  # 4-bit: its original dtype
+        return delta.to(self._frozen_weight().dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         """W <- W + ΔW, so the forward is one matmul. A no-op when already merged.
 
-        Dropout is skipped while merged, so merge for inference, not for training.
+        Dropout is skipped while merged, so merge for inference, not for training. A 4-bit base
+        rounds W + ΔW back to NF4 and warns (``NF4Linear.add_``); ``dequantize_model(model)``
+        first merges exactly, in full size.
         """
         if not self.merged:
-            if isinstance(self.base_layer, NF4Linear):
-                self.requantize(self.delta_weight())
-            else:
-                self.base_layer.weight.add_(self.delta_weight())
+            self._frozen_weight().add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """W <- W - ΔW, undoing ``merge``. A no-op when not merged.
 
-        Exact up to float rounding: in bf16 or fp16, W + ΔW - ΔW can differ from W in the last bit.
+        Exact up to float rounding: in bf16 or fp16, W + ΔW - ΔW can differ from W in the last bit;
+        a 4-bit base rounds to NF4 again rather than restoring its original codes.
         """
         if self.merged:
-            if isinstance(self.base_layer, NF4Linear):
-                self.requantize(-self.delta_weight())
-            else:
-                self.base_layer.weight.sub_(self.delta_weight())
+            self._frozen_weight().add_(-self.delta_weight())  # -ΔW is exact: W + (-ΔW) is W - ΔW to the bit
             self.merged = False
-
-    @torch.no_grad()
-    def requantize(self, delta: torch.Tensor) -> None:
-        """A 4-bit base: W <- NF4(dequantize(W) + delta). Rounds, so it warns.
-
-        The sum is rounded back to 4 bits, to keep the layer 4-bit: the merged layer then differs
-        from base + LoRA by up to half a code step per weight, and unmerging rounds again instead
-        of restoring the original codes. ``dequantize_model(model)`` first merges exactly, in full size.
-        """
-        warnings.warn("merging LoRA into a 4-bit base rounds W + ΔW to NF4 again, so outputs change by the "
-                      "rounding; for an exact merge call lora.dequantize_model(model) first", stacklevel=3)
-        base = self.base_layer
-        base.store(base.dequantize(torch.float32) + delta.float())
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"

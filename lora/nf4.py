@@ -17,6 +17,8 @@ on top in 16 or 32. Three ideas make 4 bits enough:
 Storage per weight: 4.5 bits, or about 4.127 with double quantization, against 16 for bf16.
 """
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -124,6 +126,11 @@ class NF4Linear(nn.Module):
     Shapes: ``(..., in_features) -> (..., out_features)``. The bias stays in its dtype; it is
     ``out_features`` numbers, not worth quantizing.
 
+    Where ``LoRALinear`` needs the frozen weight, this layer stands in for it: ``shape``,
+    ``dtype`` (the original weight's, which ``dequantize`` returns), ``device`` and
+    ``add_(delta)`` answer as ``nn.Linear.weight`` does, so the LoRA layer asks either base's
+    weight the same questions (``LoRALinear._frozen_weight`` picks whom to ask).
+
     Args:
         linear: the layer to quantize; it is not changed.
         block_size: weights per absmax constant (64, as QLoRA).
@@ -160,6 +167,25 @@ class NF4Linear(nn.Module):
     @property
     def shape(self) -> torch.Size:
         return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weight is held: its codes' device."""
+        return self.codes.device
+
+    @torch.no_grad()
+    def add_(self, delta: torch.Tensor) -> "NF4Linear":
+        """W <- NF4(dequantize(W) + delta), in place, as ``Tensor.add_`` adds; rounds, so it warns.
+
+        ``delta``: ``(out_features, in_features)``. The sum is rounded back to 4 bits, to keep the
+        layer 4-bit: it then differs from W + delta by up to half a code step per weight, and
+        adding ``-delta`` afterwards rounds again instead of restoring the original codes.
+        ``dequantize_model(model)`` first gives a full-size weight, to which adding is exact.
+        """
+        warnings.warn("merging LoRA into a 4-bit base rounds W + ΔW to NF4 again, so outputs change by the "
+                      "rounding; for an exact merge call lora.dequantize_model(model) first", stacklevel=2)
+        self.store(self.dequantize(torch.float32) + delta.float())
+        return self
 
     def block_absmax(self) -> torch.Tensor:
         """The absmax of every block, float32 (decoded from 8 bits first under double quantization)."""
@@ -211,7 +237,7 @@ def dequantize_model(model: nn.Module) -> list[str]:
     for name in names:
         layer = model.get_submodule(name)
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.codes.device, dtype=layer.dtype)
+                           device=layer.device, dtype=layer.dtype)
         with torch.no_grad():
             linear.weight.copy_(layer.dequantize())
             if layer.bias is not None:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lora import inject_lora, lora_layers, merge_and_unload, use_fused_lora
-from training.models import load_model, tiny_model
+from lora import inject_lora, lora_layers, merge_and_unload
+from models.loader import load_model, tiny_model
 
 TINY_MODELS = ("tiny-qwen2", "tiny-llama")
 
@@ -57,8 +57,7 @@ def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropo
     from peft import LoraConfig, get_peft_model
 
     ours = copy.deepcopy(base)
-    inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout)
-    use_fused_lora(ours, False)  # the plain path: peft's operations in peft's order (the fused one: test_fused.py)
+    inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout)  # the plain path: peft's operations, in order
     randomize_lora(ours, seed)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules))
     theirs = get_peft_model(copy.deepcopy(base), config)

@@ -1,7 +1,8 @@
-"""Adapter files: peft's key names and config, safetensors only, atomic writes, one-line errors."""
+"""Adapter files: peft's key names and config, safetensors only, both files replaced at once, one-line errors."""
 
 import json
 import pickle
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from lora import adapter as adapter_module
-from lora import adapter_config, inject_lora, load_adapter, lora_layers, save_adapter
-from training.models import tiny_model
+from lora import adapter_config, adapter_state_dict, inject_lora, load_adapter, lora_layers, save_adapter
+from models.loader import tiny_model
 
 
 @pytest.fixture
@@ -95,9 +96,13 @@ def test_load_into_a_merged_model_replaces_the_merged_update(saved):
     assert_close(logits(fresh, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
+def files(folder):
+    return {path.name: path.read_bytes() for path in folder.iterdir()}
+
+
 def test_save_keeps_the_old_files_when_writing_fails(saved, monkeypatch):
     model, folder = saved
-    before = (folder / "adapter_model.safetensors").read_bytes()
+    before = files(folder)
     randomize_lora(model, seed=3)
 
     def crash(tensors, path, metadata=None):
@@ -107,8 +112,63 @@ def test_save_keeps_the_old_files_when_writing_fails(saved, monkeypatch):
     monkeypatch.setattr(adapter_module, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
         save_adapter(model, folder)
-    assert (folder / "adapter_model.safetensors").read_bytes() == before
+    assert files(folder) == before
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]  # no temporary folder left
+
+
+def test_a_crash_between_the_two_files_leaves_the_old_adapter_whole(saved, monkeypatch):
+    model, folder = saved
+    before, old_weights = files(folder), {key: t.clone() for key, t in adapter_state_dict(model).items()}
+    randomize_lora(model, seed=3)  # new weights, so a new file beside the old config would show
+    weights_written = []
+
+    def save_weights(tensors, path, metadata=None):
+        save_file(tensors, path, metadata=metadata)
+        weights_written.append(path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter_module, "save_file", save_weights)
+    monkeypatch.setattr(adapter_module, "json", SimpleNamespace(dumps=crash))  # the config, written second
+    with pytest.raises(OSError, match="disk full"):
+        save_adapter(model, folder)
+    assert len(weights_written) == 1  # the new weights were on disk when the config failed
+    assert files(folder) == before
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]
+    monkeypatch.undo()
+    fresh = fresh_like(model)
+    load_adapter(fresh, folder)
+    for key, tensor in adapter_state_dict(fresh).items():
+        assert_close(tensor, old_weights[key], rtol=0, atol=0)
+
+
+def test_saving_over_an_adapter_replaces_both_files_and_leaves_no_temporaries(saved):
+    model, folder = saved
+    randomize_lora(model, seed=3)
+    save_adapter(model, folder, base_model_name_or_path="another/base")
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "another/base"
+    saved_weights = load_file(folder / "adapter_model.safetensors")
+    for key, tensor in adapter_state_dict(model).items():
+        assert_close(saved_weights[key], tensor, rtol=0, atol=0)
     assert sorted(path.name for path in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert [path.name for path in folder.parent.iterdir()] == [folder.name]
+
+
+def test_saving_where_a_file_is_is_a_one_line_error(tiny, tmp_path):
+    inject_lora(tiny)
+    (tmp_path / "adapter").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"adapter is a file, not a folder; remove it or choose another"):
+        save_adapter(tiny, tmp_path / "adapter")
+    assert (tmp_path / "adapter").read_text() == "not a folder"
+
+
+def test_saving_into_a_folder_with_other_files_is_refused_and_deletes_nothing(tiny, tmp_path):
+    inject_lora(tiny)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds notes\.txt, not only an adapter; .* choose a new or empty one"):
+        save_adapter(tiny, tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_loading_never_unpickles(tiny, tmp_path):

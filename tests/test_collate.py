@@ -7,14 +7,13 @@ import torch
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
-from training.collate import (
-    LengthGroupedSampler,
+from data.collate import (
     PadCollator,
     length_grouped_batches,
     padding_fraction,
     random_batches,
 )
-from training.sequences import IGNORE_INDEX
+from data.sequences import IGNORE_INDEX
 
 EXAMPLES = [
     {"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
@@ -76,14 +75,6 @@ def test_length_grouping_cuts_padding():
     grouped = padding_fraction(lengths, length_grouped_batches(lengths, 8, seed=0))
     plain = padding_fraction(lengths, random_batches(len(lengths), 8, seed=0))
     assert grouped < plain / 5
-
-
-def test_sampler_reshuffles_per_epoch_and_counts_batches():
-    sampler = LengthGroupedSampler(list(range(50)), batch_size=4, seed=0)
-    first = list(sampler)
-    sampler.set_epoch(1)
-    assert list(sampler) != first
-    assert len(sampler) == len(first) == 13
 
 
 def test_batch_size_zero_is_rejected():

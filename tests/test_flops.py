@@ -8,11 +8,10 @@ from conftest import token_batch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from eval.flops import (
     PROJECTIONS,
-    SMOLLM2_CONFIG,
     FlopCount,
     flops_of_model,
     format_flops,
@@ -21,8 +20,8 @@ from eval.flops import (
     main,
     transformer_flops,
 )
-from lora import inject_lora, lora_layers, merge_lora, use_fused_lora
-from training.models import embedded_model_file
+from lora import inject_lora, lora_layers, merge_lora
+from models.loader import EMBEDDED, EMBEDDED_SHAPE, embedded_model_file, load_config
 
 BATCH, SEQ_LEN = 2, 32
 TARGET_SETS = [
@@ -50,14 +49,14 @@ def measure(model: nn.Module, ids=None, embeds=None) -> tuple[int, int]:
 
 
 def inject_plain_lora(model, targets, r: int) -> None:
-    """LoRA on the plain path, whose matmuls FlopCounterMode sees. The fused path (lora/fused.py) does
-    the same matmuls in bf16, but adds two of them with in-place ``addmm_``, which it does not count."""
+    """LoRA on the default, plain path, whose matmuls FlopCounterMode counts. The opt-in fused path
+    (lora/fused.py) does the same matmuls in bf16, but adds two of them with in-place ``addmm_``,
+    which FlopCounterMode does not count."""
     inject_lora(model, targets, r=r)
-    use_fused_lora(model, False)
 
 
-def smollm2() -> LlamaConfig:
-    return LlamaConfig(**SMOLLM2_CONFIG)
+def smollm2() -> PretrainedConfig:
+    return load_config(EMBEDDED)  # the shape alone: no file read
 
 
 def test_inference_forward_equals_flop_counter(tiny):
@@ -209,7 +208,7 @@ def test_command_rejects_an_unknown_target_in_one_line(capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_config_matches_the_embedded_model():
+def test_the_loaders_smollm2_shape_matches_the_embedded_file():
     path = embedded_model_file()  # like every slow test, this needs the embedded model installed
     embedded = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-    assert {key: getattr(embedded, key) for key in SMOLLM2_CONFIG} == SMOLLM2_CONFIG
+    assert {key: getattr(embedded, key) for key in EMBEDDED_SHAPE} == EMBEDDED_SHAPE

@@ -6,12 +6,13 @@ import torch
 from numpy.testing import assert_allclose
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from data.generated_tasks import generate_tasks
+from data.instructions import save_instructions
+from data.lotka_volterra import create_dataset
 from eval import forecast
 from eval.forecast import errors, linear_extrapolation, main, model_forecast, persistence, run_forecasts
 from lora import inject_lora, save_adapter
-from training.instructions import generate_tasks, save_instructions
-from training.lotka_volterra import create_dataset
-from training.models import TINY_SHAPE, char_tokenizer, tiny_model
+from models.loader import TINY_SHAPE, char_tokenizer, tiny_model
 
 TOKENIZER = char_tokenizer()
 SERIES = create_dataset(n_systems=100, seed=0).split("test")  # 10 held-out systems

@@ -26,7 +26,7 @@ from eval.generate import (
     top_p_filter,
 )
 from lora import inject_lora, save_adapter
-from training.models import TINY_SHAPE, char_tokenizer, load_tokenizer, tiny_model
+from models.loader import TINY_SHAPE, char_tokenizer, load_tokenizer, tiny_model
 
 EXACT = dict(rtol=0, atol=0)
 TINY_EOS = TINY_SHAPE["eos_token_id"]
@@ -340,3 +340,10 @@ def test_greedy_equals_transformers_generate_on_the_embedded_model(embedded_base
                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert_close(ours, theirs[:, ids.shape[1]:], **EXACT)
     assert "Paris" in tokenizer.decode(ours[0])
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generate_leaves_the_callers_train_or_eval_mode(tiny, training):
+    tiny.train(training)
+    generate(tiny, token_batch(tiny, batch=1, length=4), max_new_tokens=2)
+    assert tiny.training is training and all(module.training is training for module in tiny.modules())

@@ -16,6 +16,7 @@ from lora import (
     inject_lora,
     lora_layers,
     merge_lora,
+    parse_targets,
 )
 
 Q_AND_V = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
@@ -170,11 +171,20 @@ def test_non_linear_match_is_a_type_error_naming_it():
 
 
 @pytest.mark.parametrize(
+    "text, names",
+    [("q_proj,v_proj", ["q_proj", "v_proj"]), (" q_proj, v_proj ", ["q_proj", "v_proj"]),
+     ("q_proj,,v_proj,", ["q_proj", "v_proj"]), ("", []), (" , ", [])],
+)
+def test_parse_targets_splits_on_commas_and_drops_spaces_and_blanks(text, names):
+    assert parse_targets(text) == names
+
+
+@pytest.mark.parametrize(
     "kwargs, message",
     [(dict(r=0), "r must be"), (dict(alpha=-1.0), "alpha must be"), (dict(dropout=1.5), "dropout must be")],
 )
 def test_bad_hyperparameters_are_rejected_before_anything_changes(tiny, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{message}"):  # the name first, so a command line can prefix "--"
         inject_lora(tiny, **kwargs)
     assert not list(lora_layers(tiny))
 

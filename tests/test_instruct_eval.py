@@ -3,11 +3,13 @@
 import pytest
 import torch
 
+from data.generated_tasks import generate_tasks
+from data.instructions import save_instructions
+from data.lotka_volterra import create_dataset, save_dataset
+from data.template import format_prompt
 from eval import instruct
 from eval.instruct import exact_match, main
-from training.instructions import format_prompt, generate_tasks, save_instructions
-from training.lotka_volterra import create_dataset, save_dataset
-from training.models import char_tokenizer, tiny_model
+from models.loader import char_tokenizer, tiny_model
 
 TOKENIZER = char_tokenizer()
 TASKS = generate_tasks(16, seed=0)
@@ -49,7 +51,7 @@ def test_command_prints_a_table_per_kind(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--adapter", "missing"], "missing/adapter_config.json: no such file"),
-    (["--data", "missing.jsonl"], "missing.jsonl: no such file"),
+    (["--data", "missing.jsonl"], "missing.jsonl: no such data file; the instruct task takes Alpaca .json or .jsonl"),
     (["--data", "series.npz"], "series.npz: not a text file; instruction data is Alpaca .json or .jsonl"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):

@@ -6,18 +6,12 @@ import re
 
 import pytest
 
-from training.instructions import (
-    TASK_KINDS,
-    clamp_sizes,
-    format_prompt,
-    generate_tasks,
-    load_instructions,
-    save_instructions,
-    split,
-    tokenize_example,
-    tokenize_examples,
-)
-from training.models import char_tokenizer
+from data.generated_tasks import TASK_KINDS, generate_tasks
+from data.instructions import load_instructions, save_instructions
+from data.split import clamp_sizes, split
+from data.template import format_prompt
+from data.tokenization import tokenize_example, tokenize_examples
+from models.loader import char_tokenizer
 
 WITH_INPUT = {"instruction": "Reverse the word.", "input": "planet", "output": "tenalp"}
 WITHOUT_INPUT = {"instruction": "Which is larger, 3 or 7?", "input": "", "output": "7"}
@@ -116,7 +110,7 @@ def test_tokenizer_without_eos_is_an_error():
 
 @pytest.mark.slow
 def test_bpe_mask_boundary_is_exactly_the_prompt():
-    from training.models import load_tokenizer
+    from models.loader import load_tokenizer
 
     tokenizer = load_tokenizer()  # SmolLM2's byte-level BPE
     # An answer that starts with spaces: tokenized joined to the prompt, "\n" and " " merge into one token.

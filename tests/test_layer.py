@@ -3,7 +3,6 @@
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.testing import assert_close
 
 from lora import LoRALinear
@@ -108,12 +107,15 @@ def test_merged_output_equals_unmerged_output():
 def test_dropout_applies_to_the_lora_path_only():
     layer = make_layer(dropout=0.5).train()
     x = torch.randn(4, 16)
-    torch.manual_seed(1)
+    dropped = []  # what the layer's own dropout gave the LoRA path, to read its mask from
+    layer.lora_dropout.register_forward_hook(lambda module, inputs, output: dropped.append(output))
     output = layer(x)
-    torch.manual_seed(1)
-    dropped = F.dropout(x, p=0.5, training=True)
-    expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(dropped)) * layer.scaling
-    assert_close(output, expected)
+    mask = dropped[0] != 0
+    assert 0 < mask.sum() < mask.numel()
+    assert_close(dropped[0], x * mask * 2.0, rtol=0, atol=0)  # kept inputs scaled by 1 / (1 - p)
+    # The base sees all of x; only the LoRA path sees the dropped input.
+    expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(x * mask * 2.0)) * layer.scaling
+    assert_close(output, expected, rtol=0, atol=0)
 
 
 def test_dropout_is_off_in_eval_mode():
@@ -161,8 +163,8 @@ def test_bfloat16_merge_then_unmerge_is_close():
         (dict(r=4, alpha=8, dropout=-0.1), r"dropout must be a number in \[0, 1\)"),
     ],
 )
-def test_bad_hyperparameters_are_rejected(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_hyperparameters_are_rejected_naming_the_parameter_first(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
         LoRALinear(nn.Linear(8, 8), **kwargs)
 
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from training.llmtime import PERCENTILE_TARGET, Scaler, decode, encode, fit_scaler
-from training.lotka_volterra import simulate
+from data.llmtime import PERCENTILE_TARGET, Scaler, decode, encode, fit_scaler
+from data.lotka_volterra import simulate
 
 UNIT = Scaler(offset=np.zeros(2), scale=np.ones(2))
 
@@ -237,7 +237,7 @@ def test_encode_rejects_bad_decimals(decimals):
 
 @pytest.mark.slow
 def test_embedded_tokenizer_gives_every_digit_its_own_token():
-    from training.models import load_tokenizer
+    from models.loader import load_tokenizer
 
     tokenizer = load_tokenizer()
     series = make_series("lotka_volterra", 0)

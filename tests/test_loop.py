@@ -16,12 +16,14 @@ from conftest import randomize_lora, token_batch
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
+from data.collate import PadCollator
 from lora import inject_lora, load_adapter, lora_layers
+from models.loader import char_tokenizer, load_model, tiny_model
+from models.precision import Precision, choose_precision, cpu_supports_bf16
 from training import loop
-from training.checkpoint import load_checkpoint, save_checkpoint
+from training.checkpoint import RunState, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, build_parser, parse_config
 from training.loop import main, train
-from training.models import char_tokenizer, load_model, tiny_model
 from training.schedule import get_lr
 
 ROOT = Path(__file__).parent.parent
@@ -90,7 +92,10 @@ def test_a_runs_config_json_repeats_the_run(tmp_path):
         (["--lr=-1e-3"], "--lr must be > 0, got -0.001"),
         (["--stride", "600"], r"--stride must be in \[1, max_length=512\]"),
         (["--task", "translate"], "--task must be one of llmtime, instruct"),
-        (["--lora-path", "fast"], "--lora-path must be one of auto, fused, plain, got 'fast'"),
+        (["--lora-path", "fast"], "--lora-path must be one of plain, fused, got 'fast'"),
+        (["--r", "0"], r"--r must be a positive integer \(the rank of B @ A\), got 0"),
+        (["--alpha", "0"], r"--alpha must be a number > 0 \(scaling = alpha / r\), got 0.0"),
+        (["--dropout", "1"], r"--dropout must be a number in \[0, 1\), got 1.0"),
         (["--quantize", "int8"], "--quantize must be one of none, nf4, got 'int8'"),
         (["--double-quant"], "--double-quant needs --quantize nf4"),
     ],
@@ -196,7 +201,9 @@ def test_4bit_base_with_double_quant_trains_with_falling_loss(tmp_path):
 
 
 def test_fused_and_plain_lora_paths_give_the_same_losses(tmp_path):
-    # The same math in a different order (lora/fused.py): float32 rounding apart, with dropout too.
+    # The same math in a different order (lora/fused.py): float32 rounding apart, with dropout too. The
+    # two paths draw their dropout masks from the same seed (nn.Dropout and torch.native_dropout use the
+    # generator alike on the CPU); tests/test_fused.py checks the masks themselves without relying on it.
     args = ("--max-steps", "5", "--eval-every", "5", "--dropout", "0.1")
     for path in ("fused", "plain"):
         assert main(run_args(tmp_path, *args, "--lora-path", path, name=path)) == 0
@@ -206,7 +213,8 @@ def test_fused_and_plain_lora_paths_give_the_same_losses(tmp_path):
 
 
 def test_instruct_task_trains_on_a_jsonl_file(tmp_path):
-    from training.instructions import generate_tasks, save_instructions
+    from data.generated_tasks import generate_tasks
+    from data.instructions import save_instructions
 
     data = save_instructions(generate_tasks(200, seed=3), tmp_path / "tasks.jsonl")
     assert main(run_args(tmp_path, "--task", "instruct", "--data", str(data), "--max-steps", "3",
@@ -214,19 +222,45 @@ def test_instruct_task_trains_on_a_jsonl_file(tmp_path):
     assert sorted(metrics(tmp_path / "run", "loss")) == [1, 2, 3]
 
 
-def test_grad_accumulation_of_two_halves_equals_one_batch():
-    # Two micro-batches of 2, each loss divided by 2, sum to the gradient of the mean over 4 (no padding).
+def instruction_like(length: int, answer: int, seed: int) -> dict:
+    """A tokenized example of ``length`` random tokens whose last ``answer`` are labelled (a masked prompt before)."""
+    ids = torch.randint(3, 128, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * (length - answer) + ids[-answer:]}
+
+
+def lora_gradients(model) -> list[torch.Tensor]:
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_accumulated_step_weighs_every_label_token_the_same():
+    # Micro-batches of 60 and of 3 label tokens: accumulated, they must give the gradient of one
+    # batch holding all four examples, the mean over its 63 label tokens. Averaging each
+    # micro-batch's own mean (the old way, and transformers' before 2024) weighs the 3 tokens as much as the 60.
     model = tiny_model("tiny-llama")
     inject_lora(model)
     randomize_lora(model)
-    ids = token_batch(model, batch=4, length=16)
-    model(ids, labels=ids).loss.backward()
-    whole = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-    model.zero_grad()
-    for half in (ids[:2], ids[2:]):
-        (model(half, labels=half).loss / 2).backward()
-    for grad, p in zip(whole, (p for p in model.parameters() if p.requires_grad)):
-        assert_close(p.grad, grad)
+    collate, fp32, off = PadCollator(0), Precision(None), torch.amp.GradScaler("cpu", enabled=False)
+    examples = [instruction_like(61, 60, seed=0), instruction_like(20, 1, 1), instruction_like(35, 1, 2),
+                instruction_like(12, 1, 3)]
+    whole = loop.accumulate_gradients(model, [collate(examples)], fp32, off)
+    expected = lora_gradients(model)
+    accumulated = loop.accumulate_gradients(model, [collate(examples[:1]), collate(examples[1:])], fp32, off)
+    assert_close(accumulated, whole, rtol=1e-6, atol=0)
+    for grad, reference in zip(lora_gradients(model), expected):
+        assert_close(grad, reference, rtol=1e-5, atol=1e-7)
+
+
+def test_one_micro_batch_loss_is_the_models_own_loss():
+    # The count of label tokens is taken after the shift: an off-by-one there would miss this.
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    randomize_lora(model)
+    batch = PadCollator(0)([instruction_like(40, 7, seed=0), instruction_like(25, 25, seed=1)])
+    loss = loop.accumulate_gradients(model, [batch], Precision(None), torch.amp.GradScaler("cpu", enabled=False))
+    with torch.no_grad():
+        assert_close(torch.tensor(loss), model(**batch).loss, rtol=1e-6, atol=0)
 
 
 def test_gradient_checkpointing_keeps_lora_gradients(tiny):
@@ -259,7 +293,7 @@ def test_checkpoint_restores_weights_optimizer_and_random_state(tmp_path):
     ids = token_batch(model)
     model(ids, labels=ids).loss.backward()
     optimizer.step()
-    save_checkpoint(tmp_path / "c.safetensors", model, optimizer, step=7, best=1.5)
+    save_checkpoint(tmp_path / "c.safetensors", model, optimizer, RunState(step=7, best=1.5, history={"0": 2.0}))
     expected_draw = torch.rand(3)
     weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
@@ -268,8 +302,8 @@ def test_checkpoint_restores_weights_optimizer_and_random_state(tmp_path):
     inject_lora(fresh)
     fresh_optimizer = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
     torch.manual_seed(99)
-    step, extra = load_checkpoint(tmp_path / "c.safetensors", fresh, fresh_optimizer)
-    assert (step, extra) == (7, {"best": 1.5})
+    state = load_checkpoint(tmp_path / "c.safetensors", fresh, fresh_optimizer)
+    assert state == RunState(step=7, best=1.5, history={"0": 2.0})
     assert_close(torch.rand(3), expected_draw, rtol=0, atol=0)
     for name, p in fresh.named_parameters():
         if p.requires_grad:
@@ -311,7 +345,7 @@ def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(tmp_path
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
     def load_poisoned(name):
-        """The tiny model, whose third training forward returns a NaN loss."""
+        """The tiny model, whose third training forward returns NaN logits."""
         model, tokenizer = load_model(name)
         forward, calls = model.forward, []
 
@@ -320,7 +354,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_pat
             if model.training:
                 calls.append(1)
                 if len(calls) == 3:
-                    output.loss = output.loss * float("nan")
+                    output.logits = output.logits * float("nan")
             return output
 
         model.forward = poisoned
@@ -333,35 +367,43 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_pat
     model = tiny_model("tiny-llama")
     inject_lora(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    step, _ = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", model, optimizer)
-    assert step == 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.safetensors", model, optimizer).step == 2
 
 
 def test_training_stops_after_early_stop_evaluations_without_a_new_best(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "evaluate", lambda *args: 1.0)  # the validation loss never improves
+    monkeypatch.setattr(loop, "perplexity", lambda *args, **kwargs: {"loss": 1.0})  # validation never improves
     assert main(run_args(tmp_path, "--max-steps", "10", "--eval-every", "2", "--early-stop", "2")) == 0
     assert "early stop at step 4" in capsys.readouterr().out
     assert sorted(metrics(tmp_path / "run", "loss")) == [1, 2, 3, 4]
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    from training.instructions import generate_tasks, save_instructions
-    from training.tasks import instruct_task
+    from data.generated_tasks import generate_tasks
+    from data.instructions import save_instructions
+    from data.tasks import build_task
 
     data = save_instructions(generate_tasks(40, seed=0), tmp_path / "tasks.json")
-    summary = train(parse_config(run_args(tmp_path, "--task", "instruct", "--data", str(data), "--epochs", "2",
-                                          "--max-length", "128"))[0])
-    n_train = len(instruct_task(char_tokenizer(), str(data), max_length=128).train)
+    config, _ = parse_config(run_args(tmp_path, "--task", "instruct", "--data", str(data), "--epochs", "2",
+                                      "--max-length", "128"))
+    summary = train(config)
+    n_train = len(build_task(config, char_tokenizer()).train)
     assert summary["steps"] == 2 * math.ceil(n_train / 4)  # batch size 4, no accumulation
 
 
 def test_precision_auto_is_bf16_where_the_cpu_has_it_and_fp16_needs_a_gpu():
     cpu = torch.device("cpu")
-    expected = "bf16" if loop.cpu_supports_bf16() else "fp32"
-    assert loop.choose_precision("auto", cpu).name == expected
-    assert loop.choose_precision("fp32", cpu).scaler is None
-    with pytest.raises(loop.BadInput, match="--precision fp16 needs a CUDA GPU"):
-        loop.choose_precision("fp16", cpu)
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert choose_precision("auto", cpu).name == expected
+    assert not choose_precision("fp32", cpu).needs_loss_scaling
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA GPU"):
+        choose_precision("fp16", cpu)
+
+
+def test_fp16_on_the_cpu_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    assert main([*run_args(tmp_path), "--precision", "fp16"]) == 2
+    err = capsys.readouterr().err
+    assert "--precision fp16 needs a CUDA GPU" in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch, capsys):

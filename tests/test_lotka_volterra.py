@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 
-from training import lotka_volterra as lv
-from training.lotka_volterra import (
+from data import lotka_volterra as lv
+from data.lotka_volterra import (
     conserved_quantity,
     create_dataset,
     integrate,
     load_dataset,
-    load_or_create_dataset,
     rk4_step,
     save_dataset,
     simulate,
@@ -170,14 +169,6 @@ def test_save_then_load_is_exact(tmp_path):
 def test_save_writes_exactly_the_path_given(tmp_path):
     save_dataset(create_dataset(5, 3), tmp_path / "lv.data")  # no ".npz" appended, no temporary left behind
     assert [path.name for path in tmp_path.iterdir()] == ["lv.data"]
-
-
-def test_load_or_create_creates_the_default_once(tmp_path, monkeypatch):
-    path = tmp_path / "lv.npz"
-    created = load_or_create_dataset(path)
-    assert created.series.shape == (lv.N_SYSTEMS, lv.N_STEPS, 2)
-    monkeypatch.setattr(lv, "create_dataset", lambda: pytest.fail("the file exists; nothing should be simulated"))
-    assert load_or_create_dataset(path).series.tobytes() == created.series.tobytes()
 
 
 def test_missing_file_is_named(tmp_path):

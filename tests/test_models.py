@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from training import models
-from training.models import char_tokenizer, load_model, tiny_model
+from models import loader as models
+from models.loader import TINY_SHAPE, char_tokenizer, load_config, load_model, tiny_model
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
@@ -62,3 +62,10 @@ def test_tiny_model_leaves_the_global_random_state_alone():
     torch.manual_seed(123)
     tiny_model("tiny-llama", seed=5)
     assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_load_config_gives_the_models_shape_without_its_weights(name):
+    config, model = load_config(name), tiny_model(name)
+    for key in (*TINY_SHAPE, "tie_word_embeddings", "model_type"):
+        assert getattr(config, key) == getattr(model.config, key), key

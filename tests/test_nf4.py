@@ -240,11 +240,32 @@ def test_dequantize_model_then_merge_is_exact(tiny):
         assert_close(tiny(ids).logits, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_forcing_the_fused_path_on_a_4bit_base_names_the_fix():
+def test_choosing_the_fused_path_for_a_4bit_base_is_refused_and_names_the_fix():
     layer = LoRALinear(NF4Linear(nn.Linear(64, 64)), r=2, alpha=4)
-    layer.fused = True
-    with pytest.raises(ValueError, match="needs an nn.Linear base.*set layer.fused = None"):
-        layer(torch.randn(1, 64))
+    with pytest.raises(ValueError, match=r"needs an nn\.Linear base.*use_fused_lora\(model, False\)"):
+        layer.fused = True
+    assert layer.fused is False
+
+
+def test_4bit_layer_answers_for_its_weight_as_a_tensor_does():
+    linear = nn.Linear(96, 80, dtype=torch.bfloat16)
+    layer = NF4Linear(linear)
+    assert (layer.shape, layer.dtype, layer.device) == (linear.weight.shape, torch.bfloat16, linear.weight.device)
+    lora = LoRALinear(layer, r=4, alpha=8)
+    assert lora.lora_A.weight.dtype == lora.delta_weight().dtype == torch.bfloat16
+
+
+def test_unmerging_a_4bit_base_rounds_again_and_warns():
+    torch.manual_seed(0)
+    layer = LoRALinear(NF4Linear(nn.Linear(96, 80)), r=4, alpha=8)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    with pytest.warns(UserWarning, match="rounds W \\+ ΔW to NF4 again"):
+        layer.merge()
+    restored = layer.base_layer.dequantize() - layer.delta_weight()
+    with pytest.warns(UserWarning, match="rounds W \\+ ΔW to NF4 again"):
+        layer.unmerge()
+    codes, _ = quantize_nf4(restored)
+    assert torch.equal(layer.base_layer.codes, codes) and not layer.merged
 
 
 def test_adapter_trained_on_a_4bit_base_loads_into_the_full_precision_model(tiny, tmp_path):

@@ -87,8 +87,8 @@ def test_initial_a_equals_peft_under_the_same_seed(tiny):
 def test_adapter_saved_here_loads_in_peft_with_the_same_logits(tiny, tmp_path):
     base = copy.deepcopy(tiny)
     ours, _ = lora_and_peft(tiny)
-    save_adapter(ours, tmp_path)
-    theirs = PeftModel.from_pretrained(base, tmp_path)
+    save_adapter(ours, tmp_path / "adapter")
+    theirs = PeftModel.from_pretrained(base, tmp_path / "adapter")
     ids = token_batch(tiny)
     with torch.no_grad():
         assert_close(theirs(ids).logits, ours(ids).logits, **EXACT)

@@ -8,10 +8,12 @@ import torch
 from conftest import randomize_lora
 from torch.testing import assert_close
 
+from data.generated_tasks import generate_tasks
+from data.instructions import save_instructions
+from data.tokenization import tokenize_example
 from eval.perplexity import main, perplexity
 from lora import disable_lora, inject_lora, save_adapter
-from training.instructions import generate_tasks, save_instructions, tokenize_example
-from training.models import char_tokenizer
+from models.loader import char_tokenizer
 
 TOKENIZER = char_tokenizer()
 
@@ -101,3 +103,10 @@ def test_bad_adapter_or_data_is_one_line_exit_2(tmp_path, capsys, monkeypatch, a
     assert main(["--model", "tiny-llama", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_perplexity_leaves_the_callers_train_or_eval_mode(tiny, training):
+    tiny.train(training)
+    perplexity(tiny, examples(2), pad_id=0)
+    assert tiny.training is training and all(module.training is training for module in tiny.modules())

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from training.models import char_tokenizer
-from training.sequences import IGNORE_INDEX, process_sequences, window_starts
+from data.sequences import IGNORE_INDEX, process_sequences, window_starts
+from models.loader import char_tokenizer
 
 TOKENIZER = char_tokenizer()  # one token per character, so token positions are character positions
 TEXTS = ["0.52,1.41;0.53,1.39;0.55,1.36;0.58,1.31;0.62,1.27", "1.0,2.0", "x" * 64]

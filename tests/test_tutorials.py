@@ -2,11 +2,14 @@
 ```output block right after a python block must equal what that block printed."""
 
 import contextlib
+import copy
 import io
 import re
 from pathlib import Path
 
 import pytest
+
+from models import loader
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("[0-9][0-9]_*.md"))
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
@@ -50,8 +53,11 @@ def test_tutorials_are_numbered_without_gaps():
 @pytest.mark.parametrize(
     "path", [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [], id=p.stem) for p in TUTORIALS]
 )
-def test_tutorial_runs_and_prints_what_it_shows(path, tmp_path, monkeypatch):
+def test_tutorial_runs_and_prints_what_it_shows(path, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # files a chapter writes land in a temporary folder
+    if path.name in SLOW:  # the session's one loaded embedded model, copied, instead of 20 s of loading again
+        base = request.getfixturevalue("embedded_base")
+        monkeypatch.setattr(loader, "load_embedded", lambda dtype=None: copy.deepcopy(base).to(dtype or base.dtype))
     namespace = {"__name__": f"tutorial_{path.stem}"}
     for code, expected, line in steps(path.read_text()):
         printed = io.StringIO()

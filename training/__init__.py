@@ -1,1 +1,1 @@
-"""Training: models, data pipelines and the raw PyTorch training loop (`python -m training.loop`)."""
+"""Training: the raw PyTorch loop (`python -m training.loop`), its settings, schedule and checkpoints."""

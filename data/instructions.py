@@ -1,0 +1,104 @@
+"""Instruction records in Alpaca's format, on disk: check, load (JSON or JSON Lines), save.
+
+An instruction record is a JSON object with three strings, as in Stanford Alpaca's
+``alpaca_data_cleaned.json``::
+
+    {"instruction": "Reverse the letters of the word.", "input": "planet", "output": "tenalp"}
+
+The rest of instruction tuning lives beside this file, one concept each: ``data/template.py``
+(the prompt a record becomes), ``data/tokenization.py`` (tokens, with the prompt masked out of
+the loss), ``data/split.py`` (train / validation / test) and ``data/generated_tasks.py`` (an
+offline instruction set with exact answers).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from lora.atomic import write_atomically
+
+FIELDS = ("instruction", "input", "output")
+
+
+def check_record(record, where: str) -> dict:
+    """Return ``record`` if it is an object with the three string fields; ``where`` prefixes the error.
+
+    Raises:
+        ValueError: ``record`` is not a dict, or a field is missing or not a string.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected an object with fields {', '.join(FIELDS)}, got {type(record).__name__}")
+    for field in FIELDS:
+        if field not in record:
+            raise ValueError(f"{where}: field {field!r} is missing")
+        if not isinstance(record[field], str):
+            raise ValueError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    return record
+
+
+def load_instructions(path: str | os.PathLike) -> list[dict]:
+    """Read instruction records from a JSON list (``.json``, Alpaca's format) or JSON Lines (``.jsonl``).
+
+    The format is chosen by suffix: ``.jsonl`` is one object per line (blank lines are
+    skipped), anything else is one JSON list of objects. Fields beyond the three (such as
+    ``kind``) are kept. Records in a JSON list are counted from 1 in errors, as lines are.
+
+    Returns:
+        The records, in file order.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not UTF-8 text, malformed JSON, a record that is not an object, or a missing or
+            non-string field; the message names the file and the line (JSONL) or record (JSON).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; write one with save_instructions(generate_tasks(n), path)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; instruction data is Alpaca .json or .jsonl "
+                         "(a .npz of series is for the llmtime task)") from None
+
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
+            records.append(check_record(record, f"{path}: line {number}"))
+        return records
+
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}; "
+                         "for one object per line name the file .jsonl")
+    return [check_record(record, f"{path}: record {number}") for number, record in enumerate(records, start=1)]
+
+
+def save_instructions(records: list[dict], path: str | os.PathLike) -> Path:
+    """Write ``records`` as JSON Lines (``.jsonl``) or a JSON list (any other suffix); return the path.
+
+    The records are checked first, so what is saved always loads again with
+    ``load_instructions``. The file is replaced atomically: a crash leaves the old file or the
+    new one, never half of one.
+
+    Raises:
+        ValueError: a record is not an object with the three string fields (named by number, from 1).
+    """
+    path = Path(path)
+    for number, record in enumerate(records, start=1):
+        check_record(record, f"record {number}")
+    if path.suffix == ".jsonl":
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    else:
+        text = json.dumps(records, indent=2, ensure_ascii=False) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return path
