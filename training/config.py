@@ -38,8 +38,8 @@ class TrainConfig:
     targets: str = option("q_proj,v_proj", "comma-separated module names to adapt; q and v are the LoRA paper's "
                           "choice for a small budget")
     r: int = option(8, "rank of B·A; 8 is plenty for one narrow task, raise it only if the loss plateaus high")
-    alpha: float = option(16.0, "scaling is alpha / r; the LoRA paper keeps alpha fixed when it varies r, so a "
-                          "new r needs no new learning rate (§4.1); raising alpha is like raising the rate")
+    alpha: float = option(16.0, "scaling is alpha / r; the LoRA paper keeps alpha fixed while it varies r, which "
+                          "reduces the need to retune (§4.1); with Adam, tuning alpha is roughly tuning lr")
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
     lora_path: str = option("plain", "plain: the LoRA layer's one-line formula, peft's ops op for op; fused: the "
                             "same math with a hand-written backward (lora/fused.py), a few percent faster a step")
