@@ -55,6 +55,24 @@ def unconditional(example: dict) -> dict:
 
 
 @torch.no_grad()
+def summed_nll(model, examples: list[dict], pad_id: int, batch_size: int = 8,
+               precision: Precision = FP32) -> tuple[float, int]:
+    """``(summed -log p, label tokens)`` over ``examples``, ``batch_size`` at a time, in eval mode.
+
+    Sums, so that parts scored apart (by several processes, say: ``training/loop.py``) add up to
+    the whole: the loss is ``total / tokens`` whichever way the examples were split.
+    """
+    collate = PadCollator(pad_id)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
+            total += summed_token_nll(model, batch, precision).item()
+            count += label_tokens(batch)
+    return total, count
+
+
 def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, conditional: bool = True,
                precision: Precision = FP32) -> dict:
     """Perplexity of ``model`` over ``examples`` (dicts of input_ids, attention_mask, labels).
@@ -72,14 +90,7 @@ def perplexity(model, examples: list[dict], pad_id: int, batch_size: int = 8, co
         raise ValueError("no examples to score")
     if not conditional:
         examples = [unconditional(example) for example in examples]
-    collate = PadCollator(pad_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            batch = {key: value.to(device) for key, value in collate(examples[start : start + batch_size]).items()}
-            total += summed_token_nll(model, batch, precision).item()
-            count += label_tokens(batch)
+    total, count = summed_nll(model, examples, pad_id, batch_size, precision)
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count}
 

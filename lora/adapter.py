@@ -93,13 +93,19 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     }
 
 
-def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA weights and config of ``model`` to ``folder`` (created if needed); return the folder.
 
     The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``. The two
     files are written into a new folder beside ``folder``, which is then swapped in whole
     (``replace_folder_atomically``): a reader, or a crash, finds the old pair or the new pair,
     never new weights beside an old config.
+
+    Args:
+        tensors: the weights to write, under peft's keys, when ``model`` does not hold them
+            whole (FSDP2 shards each A and B over the processes; ``training/distributed.py``
+            gathers them); default ``adapter_state_dict(model)``.
 
     Raises:
         ValueError: ``model`` has no LoRA layers (see ``adapter_config``), or ``folder`` holds
@@ -108,7 +114,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     """
     folder = Path(folder)
     config = adapter_config(model, base_model_name_or_path)
-    tensors = {key: tensor.contiguous() for key, tensor in adapter_state_dict(model).items()}
+    tensors = adapter_state_dict(model) if tensors is None else tensors
+    tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
     if folder.is_dir():
         others = sorted(path.name for path in folder.iterdir() if path.name not in (WEIGHTS_NAME, CONFIG_NAME))
         if others:

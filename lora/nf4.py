@@ -15,6 +15,11 @@ on top in 16 or 32. Three ideas make 4 bits enough:
    double-quantized constants agree with its to within 8-bit rounding, not bit for bit.
 
 Storage per weight: 4.5 bits, or about 4.127 with double quantization, against 16 for bf16.
+
+``NF4Linear`` holds what it stores as frozen parameters, not buffers, so that FSDP2 shards the
+4-bit base across processes (it shards parameters and replicates buffers), and it holds the
+8-bit floats as their bytes (uint8), which the gloo backend can send and which a mixed-precision
+policy, casting floating-point parameters only, leaves as they are.
 """
 
 import warnings
@@ -96,8 +101,13 @@ def quantize_absmax(absmax: torch.Tensor, block_size: int = DOUBLE_QUANT_BLOCK):
 
 
 def dequantize_absmax(codes: torch.Tensor, scales: torch.Tensor, mean: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` absmax constants ``quantize_absmax`` stored, float32."""
+    """The ``count`` absmax constants ``quantize_absmax`` stored, float32; ``codes`` float8, as it returned them."""
     return (codes.float().view(scales.numel(), -1) * scales[:, None]).flatten()[:count] + mean
+
+
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """``tensor`` as a parameter that never trains; ``requires_grad`` must be False for an integer tensor."""
+    return nn.Parameter(tensor, requires_grad=False)
 
 
 class DequantizedLinear(torch.autograd.Function):
@@ -131,6 +141,21 @@ class NF4Linear(nn.Module):
     ``add_(delta)`` answer as ``nn.Linear.weight`` does, so the LoRA layer asks either base's
     weight the same questions (``LoRALinear._frozen_weight`` picks whom to ask).
 
+    What it stores (``storage()``) are frozen ``nn.Parameter``s, not buffers, because FSDP2
+    shards a module's parameters and leaves its buffers whole on every process:
+
+    - ``codes``: uint8, two 4-bit codes per byte;
+    - ``absmax``: float32, one per block; or, under double quantization, ``absmax_codes``
+      (uint8, see below), ``absmax_scales`` (float32, one per 256 constants) and
+      ``absmax_mean``, which stays a buffer: a 0-d scalar cannot be sharded.
+
+    ``absmax_codes`` holds the bytes of the float8 codes ``quantize_absmax`` returns
+    (``.view(torch.uint8)``, the same bit patterns), and ``block_absmax`` views them back as
+    float8 to decode: the gloo backend cannot send float8 tensors (DDP broadcasts the parameters
+    when it wraps the model), and FSDP2's mixed-precision policy casts every floating-point
+    parameter to its ``param_dtype`` but leaves integer ones alone. ``quantize_absmax`` and
+    ``dequantize_absmax`` keep to float8: the bytes are this layer's way of storing them.
+
     Args:
         linear: the layer to quantize; it is not changed.
         block_size: weights per absmax constant (64, as QLoRA).
@@ -154,15 +179,15 @@ class NF4Linear(nn.Module):
         if weight.shape != self.shape:
             raise ValueError(f"weight of shape {tuple(weight.shape)} for an NF4Linear of shape {tuple(self.shape)}")
         codes, absmax = quantize_nf4(weight, self.block_size)
-        self.register_buffer("codes", codes)
+        self.codes = frozen(codes)
         self.blocks = absmax.numel()
         if self.double_quant:
             absmax_codes, absmax_scales, absmax_mean = quantize_absmax(absmax)
-            self.register_buffer("absmax_codes", absmax_codes)
-            self.register_buffer("absmax_scales", absmax_scales)
+            self.absmax_codes = frozen(absmax_codes.view(torch.uint8))  # the float8 bit patterns, as bytes
+            self.absmax_scales = frozen(absmax_scales)
             self.register_buffer("absmax_mean", absmax_mean)
         else:
-            self.register_buffer("absmax", absmax)
+            self.absmax = frozen(absmax)
 
     @property
     def shape(self) -> torch.Size:
@@ -190,7 +215,7 @@ class NF4Linear(nn.Module):
     def block_absmax(self) -> torch.Tensor:
         """The absmax of every block, float32 (decoded from 8 bits first under double quantization)."""
         if self.double_quant:
-            return dequantize_absmax(self.absmax_codes, self.absmax_scales, self.absmax_mean, self.blocks)
+            return dequantize_absmax(self.absmax_codes.view(FLOAT8), self.absmax_scales, self.absmax_mean, self.blocks)
         return self.absmax
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -200,11 +225,15 @@ class NF4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DequantizedLinear.apply(x, self)
 
+    def storage(self) -> list[torch.Tensor]:
+        """The tensors that hold the weight: the codes and the absmax constants (not the bias)."""
+        if self.double_quant:
+            return [self.codes, self.absmax_codes, self.absmax_scales, self.absmax_mean]
+        return [self.codes, self.absmax]
+
     def storage_bits(self) -> int:
         """Bits held for the weight: the codes and the absmax constants (the bias not counted)."""
-        tensors = [self.codes] + ([self.absmax_codes, self.absmax_scales, self.absmax_mean] if self.double_quant
-                                  else [self.absmax])
-        return sum(tensor.numel() * tensor.element_size() * 8 for tensor in tensors)
+        return sum(tensor.numel() * tensor.element_size() * 8 for tensor in self.storage())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

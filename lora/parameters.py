@@ -8,15 +8,20 @@ from lora.nf4 import NF4Linear
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts of ``model``; a tied weight counts once.
 
-    A 4-bit ``NF4Linear`` holds its weight as packed codes, not as a parameter; it counts as
-    the ``out x in`` frozen weights it stands for, so quantizing does not change the total.
+    A 4-bit ``NF4Linear`` holds its weight as packed codes and absmax constants (frozen
+    parameters, so that FSDP2 shards them); those are not counted, the layer counts as the
+    ``out x in`` frozen weights it stands for, so quantizing does not change the total.
     """
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    storage = {id(tensor) for layer in quantized for tensor in layer.storage()}
     trainable = total = 0
     for parameter in model.parameters():
+        if id(parameter) in storage:
+            continue
         total += parameter.numel()
         if parameter.requires_grad:
             trainable += parameter.numel()
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, NF4Linear))
+    total += sum(layer.in_features * layer.out_features for layer in quantized)
     return trainable, total
 
 

@@ -70,3 +70,15 @@ def test_qlora_benchmark_reports_each_base_asked_for(capsys):
 def test_qlora_bases_hold_fewer_weight_bytes_in_order(tiny):
     sizes = {base: weight_bytes(build(tiny, base, r=4, targets=["q_proj"], device="cpu")[0]) for base in BASES}
     assert sizes["nf4-dq"] < sizes["nf4"] < sizes["bf16"] < sizes["fp32"]
+
+
+@pytest.mark.distributed
+def test_distributed_benchmark_reports_each_setup_and_ddp_sends_only_lora_gradients(capsys):
+    from benchmarks.distributed import SETUPS
+    from benchmarks.distributed import main as distributed_benchmark
+
+    assert distributed_benchmark(["--model", "tiny-llama", "--seq", "16", "--warmup", "0", "--steps", "1"]) == 0
+    rows = table_rows(capsys.readouterr().out)
+    assert [row[0] for row in rows] == [*SETUPS, "full fine-tuning (ddp)"]
+    lora_mb, full_mb = float(rows[1][4]), float(rows[3][4])
+    assert 0 < lora_mb < full_mb  # the frozen base's gradients are never sent

@@ -371,7 +371,7 @@ def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_pat
 
 
 def test_training_stops_after_early_stop_evaluations_without_a_new_best(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(loop, "perplexity", lambda *args, **kwargs: {"loss": 1.0})  # validation never improves
+    monkeypatch.setattr(loop, "summed_nll", lambda *args, **kwargs: (1.0, 1))  # validation never improves
     assert main(run_args(tmp_path, "--max-steps", "10", "--eval-every", "2", "--early-stop", "2")) == 0
     assert "early stop at step 4" in capsys.readouterr().out
     assert sorted(metrics(tmp_path / "run", "loss")) == [1, 2, 3, 4]

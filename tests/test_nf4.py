@@ -8,7 +8,16 @@ from conftest import token_batch
 from torch import nn
 from torch.testing import assert_close
 
-from lora import LoRALinear, count_parameters, inject_lora, load_adapter, lora_layers, merge_lora, save_adapter
+from lora import (
+    LoRALinear,
+    count_parameters,
+    inject_lora,
+    load_adapter,
+    lora_layers,
+    merge_lora,
+    save_adapter,
+    trainable_parameters_line,
+)
 from lora.nf4 import (
     NF4,
     NF4Linear,
@@ -112,6 +121,52 @@ def test_storage_bits_per_weight(double_quant, bits):
     layer = NF4Linear(nn.Linear(1024, 1024), double_quant=double_quant)
     measured = layer.storage_bits() / (1024 * 1024)
     assert measured == pytest.approx(bits, abs=5e-4)
+
+
+@pytest.mark.parametrize("double_quant, stored", [(False, ["codes", "absmax"]),
+                                                  (True, ["codes", "absmax_codes", "absmax_scales"])],
+                         ids=["nf4", "double_quant"])
+def test_nf4_storage_is_frozen_parameters_and_scalar_mean_a_buffer(double_quant, stored):
+    # FSDP2 shards parameters and replicates buffers: only the 0-d mean, which cannot be sharded, is a buffer.
+    layer = NF4Linear(nn.Linear(96, 80), double_quant=double_quant)
+    mean = ["absmax_mean"] if double_quant else []
+    with pytest.warns(UserWarning, match="rounds W \\+ ΔW to NF4 again"):
+        stored_again = NF4Linear(nn.Linear(96, 80), double_quant=double_quant).add_(torch.zeros(80, 96))
+    for each in (layer, stored_again):  # add_ quantizes and stores anew
+        parameters, buffers = dict(each.named_parameters()), dict(each.named_buffers())
+        assert list(parameters) == stored + ["bias"] and list(buffers) == mean
+        assert not any(parameter.requires_grad for parameter in parameters.values())
+        assert all(buffer.dim() == 0 for buffer in buffers.values())
+        assert [id(tensor) for tensor in each.storage()] == [id(parameters[name]) for name in stored] + [
+            id(buffers[name]) for name in mean]
+        assert set(each.state_dict()) == {*stored, *mean, "bias"}
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "double_quant"])
+def test_state_dict_loads_into_a_layer_quantized_from_other_weights(double_quant):
+    torch.manual_seed(0)
+    layer, other = (NF4Linear(nn.Linear(96, 80), double_quant=double_quant) for _ in range(2))
+    other.load_state_dict(layer.state_dict())
+    assert_close(other.dequantize(), layer.dequantize(), rtol=0, atol=0)
+
+
+def test_double_quant_codes_are_float8_bytes():
+    linear = nn.Linear(1024, 96)  # 1536 blocks of 64: 6 blocks of 256 absmax constants
+    layer = NF4Linear(linear, double_quant=True)
+    _, absmax = quantize_nf4(linear.weight)
+    codes, scales, mean = quantize_absmax(absmax)
+    assert layer.absmax_codes.dtype == torch.uint8
+    assert torch.equal(layer.absmax_codes, codes.view(torch.uint8))  # the float8 bit patterns, byte for byte
+    assert_close(layer.block_absmax(), dequantize_absmax(codes, scales, mean, absmax.numel()), rtol=0, atol=0)
+
+
+def test_casting_the_layer_leaves_its_bytes_as_stored():
+    # As FSDP2's mixed-precision policy does, .to(dtype) casts floating-point tensors only.
+    layer = NF4Linear(nn.Linear(96, 80), double_quant=True)
+    codes, absmax_codes = layer.codes.clone(), layer.absmax_codes.clone()
+    layer.to(torch.bfloat16)
+    assert torch.equal(layer.codes, codes) and torch.equal(layer.absmax_codes, absmax_codes)
+    assert layer.absmax_scales.dtype == torch.bfloat16
 
 
 def test_layer_output_is_the_dequantized_weights_output():
@@ -298,7 +353,12 @@ def test_code_book_codes_and_dequantized_weights_equal_bitsandbytes():
     assert_close(dequantize_nf4(codes, absmax, weight.shape), bnb.dequantize_4bit(packed, state), rtol=1e-6, atol=0)
 
 
-def test_quantizing_leaves_the_total_parameter_count_unchanged(tiny):
-    _, before = count_parameters(tiny)
-    quantize_model(tiny, double_quant=True)
-    assert count_parameters(tiny)[1] == before
+@pytest.mark.parametrize("double_quant", [False, True], ids=["nf4", "double_quant"])
+def test_count_parameters_of_quantized_model_is_the_unquantized_count(tiny, double_quant):
+    # The 4-bit storage is frozen parameters (for FSDP2), counted as the out x in weights it stands for.
+    full = copy.deepcopy(tiny)
+    quantize_model(tiny, double_quant=double_quant)
+    for model in (full, tiny):
+        inject_lora(model, ["q_proj", "v_proj"], r=4)
+    assert count_parameters(tiny) == count_parameters(full)
+    assert trainable_parameters_line(tiny) == trainable_parameters_line(full)

@@ -14,6 +14,8 @@ from models import loader
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("[0-9][0-9]_*.md"))
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
 SLOW = {"02_targets_and_injection.md", "03_data.md"}
+# Chapters that launch torchrun run with the distributed tests.
+DISTRIBUTED = {"08_distributed.md"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -51,7 +53,9 @@ def test_tutorials_are_numbered_without_gaps():
 
 
 @pytest.mark.parametrize(
-    "path", [pytest.param(p, marks=[pytest.mark.slow] if p.name in SLOW else [], id=p.stem) for p in TUTORIALS]
+    "path",
+    [pytest.param(p, marks=[pytest.mark.slow] * (p.name in SLOW) + [pytest.mark.distributed] * (p.name in DISTRIBUTED),
+                  id=p.stem) for p in TUTORIALS],
 )
 def test_tutorial_runs_and_prints_what_it_shows(path, tmp_path, monkeypatch, request):
     monkeypatch.chdir(tmp_path)  # files a chapter writes land in a temporary folder

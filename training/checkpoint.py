@@ -1,13 +1,16 @@
 """Resumable checkpoints: everything a run needs to continue exactly, in one safetensors file.
 
-A checkpoint holds the LoRA weights, AdamW's moment estimates, the random-number states that
-drive dropout and data order, and the loop's ``RunState`` (the step, the best validation loss,
-...). Tensors go in the safetensors body; the rest (the run state, optimizer hyperparameters,
+A checkpoint holds the LoRA weights, AdamW's moment estimates, every rank's random-number state,
+and the loop's ``RunState`` (the step, the best validation loss, the number of processes, ...).
+Tensors go in the safetensors body; the rest (the run state, optimizer hyperparameters,
 Python's random state) goes in its JSON header as strings.
 Loading therefore never unpickles anything, unlike ``torch.load`` of a pickled state dict.
 
-The file is written to a temporary name and renamed into place, so a run killed at any
-moment leaves the previous checkpoint whole.
+Weights and optimizer state are read and written through ``torch.distributed.checkpoint``'s
+state-dict functions, keyed by parameter name: the same file comes from one process, DDP or
+FSDP2 (whose shards are gathered whole; a collective, so every rank calls ``save_checkpoint``),
+and loads into any of them. Rank 0 writes it, to a temporary name renamed into place, so a run
+killed at any moment leaves the previous checkpoint whole.
 """
 
 import json
@@ -20,12 +23,17 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from lora import adapter_state_dict
+from lora.adapter import KEY_PREFIX
 from lora.atomic import write_atomically
+from training.distributed import World, barrier, gather_tensors, trainable_state, unwrap
 
 OPTIMIZER_PREFIX = "optimizer."
-RNG_KEY = "rng.torch"
+RNG_PREFIX = "rng."  # rng.torch.<rank>, rng.cuda.<rank>
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -36,48 +44,69 @@ class RunState:
     best: float = math.inf  # the lowest validation loss so far
     evals_since_best: int = 0  # validations since it, for --early-stop
     history: dict[str, float] = field(default_factory=dict)  # validation loss by step (JSON keys are strings)
-    flops: float = 0.0  # matmul FLOPs of training so far (eval/flops.py)
+    flops: float = 0.0  # matmul FLOPs of training so far, all processes together (eval/flops.py)
     scaler: dict = field(default_factory=dict)  # fp16's GradScaler state; empty when it is off
+    world_size: int = 1  # processes that took the steps so far: with another number the data order changes
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list]:
-    """Split ``optimizer.state_dict()`` into tensors (keyed ``optimizer.<param>.<name>``) and its JSON-able groups."""
-    state = optimizer.state_dict()
+def optimizer_tensors(optimizer_state: dict) -> tuple[dict[str, torch.Tensor], list]:
+    """Split an optimizer state dict keyed by parameter name into tensors (``optimizer.<param>.<name>``)
+    and its JSON-able parameter groups."""
     tensors = {}
-    for index, values in state["state"].items():
+    for parameter, values in optimizer_state["state"].items():
         for name, value in values.items():
-            tensors[f"{OPTIMIZER_PREFIX}{index}.{name}"] = torch.as_tensor(value).contiguous()
-    return tensors, state["param_groups"]
+            tensors[f"{OPTIMIZER_PREFIX}{parameter}.{name}"] = torch.as_tensor(value).contiguous()
+    return tensors, optimizer_state["param_groups"]
 
 
 def optimizer_state(tensors: dict[str, torch.Tensor], param_groups: list) -> dict:
-    """The inverse of ``optimizer_tensors``: a state dict for ``optimizer.load_state_dict``."""
+    """The inverse of ``optimizer_tensors``: a state dict for ``set_optimizer_state_dict``."""
     state = {}
     for key, tensor in tensors.items():
-        index, name = key[len(OPTIMIZER_PREFIX):].split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
+        parameter, name = key[len(OPTIMIZER_PREFIX):].rsplit(".", 1)  # a parameter's name has dots; AdamW's keys none
+        state.setdefault(parameter, {})[name] = tensor
     return {"state": state, "param_groups": param_groups}
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
-    """Write the LoRA weights, the optimizer, the random states and ``state`` to ``path`` atomically."""
-    tensors = {key: tensor.contiguous() for key, tensor in adapter_state_dict(model).items()}
-    moments, param_groups = optimizer_tensors(optimizer)
-    tensors.update(moments)
-    tensors[RNG_KEY] = torch.get_rng_state()
-    if torch.cuda.is_available():
-        for device, rng_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{device}"] = rng_state
-    metadata = {
-        "run_state": json.dumps(asdict(state)),
-        "param_groups": json.dumps(param_groups),
-        "python_random": json.dumps(random.getstate()),
-    }
-    write_atomically(Path(path), lambda temporary: save_file(tensors, temporary, metadata=metadata))
+def rng_states(world: World) -> dict[str, torch.Tensor]:
+    """Every rank's random-number states, gathered (a collective): ``rng.torch.<rank>`` and ``rng.cuda.<rank>``."""
+    states = {f"{RNG_PREFIX}torch.{rank}": state for rank, state in enumerate(gather_tensors(torch.get_rng_state()))}
+    if world.device.type == "cuda":
+        gathered = gather_tensors(torch.cuda.get_rng_state(world.device))
+        states.update({f"{RNG_PREFIX}cuda.{rank}": state for rank, state in enumerate(gathered)})
+    return states
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> RunState:
+def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState,
+                    world: World = World()) -> None:
+    """Write the LoRA weights, the optimizer, the random states and ``state`` to ``path`` atomically.
+
+    Every rank calls it (the weights, the optimizer state and the random states are gathered
+    whole); rank 0 writes, and the others wait at a barrier until the file is in place.
+    """
+    weights = trainable_state(model)  # collectives first, on every rank; rank 0 gets everything whole
+    whole_optimizer = get_optimizer_state_dict(model, optimizer, options=WHOLE)
+    random_states = rng_states(world)
+    if world.is_main:
+        tensors = {KEY_PREFIX + name: tensor.contiguous() for name, tensor in weights.items()}
+        moments, param_groups = optimizer_tensors(whole_optimizer)
+        tensors.update(moments)
+        tensors.update(random_states)
+        metadata = {
+            "run_state": json.dumps(asdict(state)),
+            "param_groups": json.dumps(param_groups),
+            "python_random": json.dumps(random.getstate()),
+        }
+        write_atomically(Path(path), lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    barrier()
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    world: World = World()) -> RunState:
     """Restore the LoRA weights, optimizer and random states from ``path``; return the run's state.
+
+    Every rank reads the file and keeps its own part (under FSDP2, its shards). A rank that the
+    saving run did not have (more processes now) takes rank 0's random state.
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -99,22 +128,23 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise ValueError(f"{path}: its run_state has fields {sorted(values)}, this version keeps "
                          f"{sorted(spec.name for spec in fields(RunState))}; start a new run")
 
-    weights = adapter_state_dict(model)
+    weights = adapter_state_dict(unwrap(model))  # under FSDP2, shards: their .shape is the whole tensor's
     missing = sorted(set(weights) - set(tensors))
     if missing:
         raise ValueError(f"{path}: missing tensor {missing[0]}; the checkpoint is of another model or adapter")
-    with torch.no_grad():
-        for key, parameter in weights.items():
-            if parameter.shape != tensors[key].shape:
-                raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
-                                 f"the model needs {tuple(parameter.shape)}")
-            parameter.copy_(tensors[key])
+    for key, parameter in weights.items():
+        if parameter.shape != tensors[key].shape:
+            raise ValueError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, "
+                             f"the model needs {tuple(parameter.shape)}")
+    whole = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: the frozen base is not in the file
+    set_model_state_dict(model, {key[len(KEY_PREFIX):]: tensors[key] for key in weights}, options=whole)
     moments = {key: tensor for key, tensor in tensors.items() if key.startswith(OPTIMIZER_PREFIX)}
-    optimizer.load_state_dict(optimizer_state(moments, json.loads(metadata["param_groups"])))
-    torch.set_rng_state(tensors[RNG_KEY])
-    cuda_states = [tensors[key] for key in sorted(tensors) if key.startswith("rng.cuda.")]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    set_optimizer_state_dict(model, optimizer, optimizer_state(moments, json.loads(metadata["param_groups"])),
+                             options=StateDictOptions(full_state_dict=True))
+    rank = world.rank if f"{RNG_PREFIX}torch.{world.rank}" in tensors else 0
+    torch.set_rng_state(tensors[f"{RNG_PREFIX}torch.{rank}"])
+    if world.device.type == "cuda" and f"{RNG_PREFIX}cuda.{rank}" in tensors:
+        torch.cuda.set_rng_state(tensors[f"{RNG_PREFIX}cuda.{rank}"], world.device)
     version, python_state, gauss = json.loads(metadata["python_random"])
     random.setstate((version, tuple(python_state), gauss))
     return RunState(**values)

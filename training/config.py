@@ -16,6 +16,7 @@ from data.tasks import TASKS
 from lora.inject import parse_targets
 from lora.layer import check_hyperparameters
 from models.precision import PRECISIONS
+from training.distributed import STRATEGIES
 
 LORA_PATHS = ("plain", "fused")
 QUANTIZATIONS = ("none", "nf4")
@@ -69,6 +70,12 @@ class TrainConfig:
                             "GPUs), else fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, "
                                           "about a third more time")
+    # Several processes (under torchrun; one process ignores these).
+    strategy: str = option("auto", "auto: ddp when torchrun starts several processes; ddp: a whole model per process, "
+                           "only LoRA's gradients exchanged; fsdp2: the base sharded over the processes, for a model "
+                           "too big for one device (it moves the whole base twice a step)")
+    fsdp_bf16: bool = option(False, "with --strategy fsdp2: gather parameters in bf16 (half the bytes) and reduce "
+                             "gradients in fp32")
     seed: int = option(0, "seeds data order, initialisation and dropout: same seed and settings, same losses")
     out: str = option("runs", "folder that holds one subfolder per run")
     name: str | None = option(None, "run folder name; default: <task>-<date>-<time>")
@@ -93,6 +100,9 @@ class TrainConfig:
              f"--lora-path must be one of {', '.join(LORA_PATHS)}, got {self.lora_path!r}"),
             (self.precision in PRECISIONS,
              f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}"),
+            (self.strategy in STRATEGIES,
+             f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}"),
+            (not self.fsdp_bf16 or self.strategy == "fsdp2", "--fsdp-bf16 needs --strategy fsdp2"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
             (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),

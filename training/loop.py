@@ -4,10 +4,13 @@
     python -m training.loop --task instruct      # the embedded instruction tasks
     python -m training.loop --help               # every setting, with its default and advice
     python -m training.loop --resume runs/NAME   # continue a run from its last checkpoint
+    torchrun --standalone --nproc-per-node 2 -m training.loop   # the same run on 2 processes (DDP)
 
 The run reads top to bottom in ``train``, in numbered steps; each piece it calls is a small
 function above it. Everything it writes goes to ``runs/<name>/``: ``config.json``,
 ``metrics.jsonl``, ``checkpoint.safetensors``, ``adapter/`` (peft's format) and ``loss.png``.
+Under torchrun every process runs this same code on its share of the data; what differs is
+marked where it happens (``world``, ``training/distributed.py``), and rank 0 alone prints and writes.
 """
 
 import functools
@@ -19,19 +22,22 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.elastic.multiprocessing.errors import record
 from tqdm import tqdm
 
 from data.collate import PadCollator, length_grouped_batches
-from data.sequences import pad_token_id
+from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
-from eval.perplexity import label_tokens, perplexity, summed_token_nll
+from eval.perplexity import label_tokens, summed_nll, summed_token_nll
 from lora import inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
 from lora.atomic import write_atomically
 from models.loader import load_model
 from models.precision import Precision, choose_precision
+from training import distributed
 from training.checkpoint import RunState, load_checkpoint, save_checkpoint
 from training.config import TrainConfig, parse_config
+from training.distributed import World, gradient_sync, sum_over_ranks
 from training.plot import plot_losses
 from training.schedule import get_lr
 
@@ -44,12 +50,15 @@ class Diverged(Exception):
     """The loss became NaN or infinite: the run stops, keeping its last good checkpoint."""
 
 
-def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int):
-    """``plan(step)``: the example indices of each of the ``grad_accum`` micro-batches of optimizer step ``step``.
+def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int, rank: int = 0, world_size: int = 1):
+    """``plan(step)``: ``(m, example indices)`` of each of this rank's ``grad_accum`` micro-batches of step ``step``.
 
-    Each epoch has its own seeded plan (length-grouped, so instruction batches carry little
-    padding), so step s gets the same batches whenever it is asked for: that is what lets a
-    resumed run see exactly the batches the uninterrupted run would have.
+    ``m`` counts micro-batches over the whole run and all ranks: rank r of ``world_size`` takes
+    ``m = i * world_size + r`` for its i-th micro-batch, so the ranks of one step together take
+    the consecutive micro-batches one process with ``grad_accum * world_size`` would. Each epoch
+    has its own seeded plan (length-grouped, so instruction batches carry little padding), so
+    step s gets the same batches whenever it is asked for: that is what lets a resumed run see
+    exactly the batches the uninterrupted run would have.
     """
     per_epoch = math.ceil(len(lengths) / batch_size)
 
@@ -57,17 +66,18 @@ def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int):
     def epoch_plan(epoch: int) -> list[list[int]]:
         return length_grouped_batches(lengths, batch_size, seed=seed + epoch)
 
-    def plan(step: int) -> list[list[int]]:
-        micro_batches = range(step * grad_accum, (step + 1) * grad_accum)  # counted over the whole run
-        return [epoch_plan(m // per_epoch)[m % per_epoch] for m in micro_batches]
+    def plan(step: int) -> list[tuple[int, list[int]]]:
+        mine = [i * world_size + rank for i in range(step * grad_accum, (step + 1) * grad_accum)]
+        return [(m, epoch_plan(m // per_epoch)[m % per_epoch]) for m in mine]
 
     return plan
 
 
-def total_steps(config: TrainConfig, n_train: int) -> int:
-    """``--max-steps``, or with ``--epochs`` the optimizer steps that many passes over the data take."""
+def total_steps(config: TrainConfig, n_train: int, world_size: int = 1) -> int:
+    """``--max-steps``, or with ``--epochs`` the optimizer steps that many passes over the data take (all ranks together)."""
     if config.epochs > 0:
-        return max(1, round(config.epochs * math.ceil(n_train / config.batch_size) / config.grad_accum))
+        micro_batches = config.epochs * math.ceil(n_train / config.batch_size)
+        return max(1, round(micro_batches / (config.grad_accum * world_size)))
     return config.max_steps
 
 
@@ -77,89 +87,175 @@ def validation_examples(validation: list[dict], n: int) -> list[dict]:
     return [validation[round(i * (len(validation) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
-def flop_counter(model, max_length: int):
+def validation_shard(examples: list[dict], rank: int, world_size: int) -> list[dict]:
+    """Rank ``rank``'s share of ``examples`` (every ``world_size``-th), padded to the longest share.
+
+    The padding repeats an example with every label ``-100``: it counts no tokens, but every
+    rank runs the same number of forward passes, which FSDP2 needs (each pass gathers the
+    layers from all ranks, so a rank with one batch fewer would leave the others waiting).
+    """
+    shard = examples[rank::world_size]
+    blank = {**examples[0], "labels": [IGNORE_INDEX] * len(examples[0]["input_ids"])}
+    return shard + [blank] * (math.ceil(len(examples) / world_size) - len(shard))
+
+
+def flop_counter(model, max_length: int, say=print):
     """``count(batch)``: the matmul FLOPs of one training step on ``batch``, from the model's shape (eval/flops.py)."""
     try:
         flops_of_model(model, max_length)
     except ValueError as error:  # targets the analytic count does not model (not in every layer, say)
-        print(f"note: FLOPs are not counted: {error}")
+        say(f"note: FLOPs are not counted: {error}")
         return lambda batch: 0.0
     per_sequence = functools.cache(lambda length: flops_of_model(model, length).total)
     return lambda batch: batch["input_ids"].shape[0] * per_sequence(batch["input_ids"].shape[1])
 
 
-def accumulate_gradients(model, micro_batches: list[dict], precision: Precision, scaler) -> float:
-    """Forward and backward over the micro-batches of one optimizer step; return the step's loss.
+def micro_batch_seed(seed: int, m: int) -> int:
+    """The seed dropout draws from in global micro-batch ``m``: the run's seed above, ``m`` below.
+
+    Seeding by the micro-batch, not by the rank, gives micro-batch m the same dropout masks on
+    whichever rank takes it, so N ranks train exactly as one process does, dropout on.
+    """
+    return (seed << 32) + m
+
+
+def accumulate_gradients(model, micro_batches: list[dict], precision: Precision, scaler,
+                         seeds: list[int] | None = None, world: World = World()) -> float:
+    """Forward and backward over this rank's micro-batches of one optimizer step; return the step's loss.
 
     The loss is the mean over every labelled token of the step, wherever it sits: each micro-batch
-    adds its summed token loss divided by the label tokens of the *whole step*. Dividing each
-    micro-batch's own mean by their number instead would weigh a micro-batch of 3 answer tokens
-    as much as one of 300 (the bug transformers fixed in 2024 with ``num_items_in_batch``).
+    adds its summed token loss divided by the label tokens of the *whole step*, all micro-batches
+    of all ranks (an all-reduce counts them). Dividing each micro-batch's own mean by their
+    number instead would weigh a micro-batch of 3 answer tokens as much as one of 300 (the bug
+    transformers fixed in 2024 with ``num_items_in_batch``). DDP and FSDP2 then *average* the
+    ranks' gradients; dividing by ``tokens / world.size`` instead of ``tokens`` turns their
+    average into the sum the mean needs (torchtune does the same). The loss returned is the
+    whole step's, the same on every rank.
+
+    ``seeds``: one per micro-batch (``micro_batch_seed``), reseeding the dropout masks before it.
     """
-    n_tokens = max(sum(label_tokens(batch) for batch in micro_batches), 1)
+    (n_tokens,) = sum_over_ranks(sum(label_tokens(batch) for batch in micro_batches))
+    per_rank_tokens = max(n_tokens, 1) / world.size
     step_loss = 0.0
-    for batch in micro_batches:
-        loss = summed_token_nll(model, batch, precision) / n_tokens
-        scaler.scale(loss).backward()  # gradients add up in .grad
-        step_loss += loss.item()
+    for i, batch in enumerate(micro_batches):
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
+        with gradient_sync(model, enabled=i == len(micro_batches) - 1):  # exchange once, after the last
+            loss = summed_token_nll(model, batch, precision) / per_rank_tokens
+            scaler.scale(loss).backward()  # gradients add up in .grad
+        step_loss += loss.item() / world.size
+    (step_loss,) = sum_over_ranks(step_loss)
     return step_loss
 
 
 def validate(model, examples: list[dict], pad_id: int, batch_size: int, precision: Precision, state: RunState,
-             metrics_path: Path) -> None:
-    """The validation loss (per token, as training's): logged, and recorded in ``state``'s history and best."""
-    loss = perplexity(model, examples, pad_id, batch_size, precision=precision)["loss"]
+             world: World = World()) -> float:
+    """The validation loss (per token, as training's), recorded in ``state``'s history and best; returned.
+
+    Each rank scores its shard; the summed losses and token counts are added over the ranks,
+    so the loss is the one a single process computes on all of ``examples``.
+    """
+    total, count = summed_nll(model, validation_shard(examples, world.rank, world.size), pad_id, batch_size, precision)
+    total, count = sum_over_ranks(total, count)
+    loss = total / count
     state.history[str(state.step)] = loss
     state.best, state.evals_since_best = (loss, 0) if loss < state.best else (state.best, state.evals_since_best + 1)
-    append_metrics(metrics_path, {"step": state.step, "val_loss": loss})
+    return loss
 
 
-def append_metrics(path: Path, record: dict) -> None:
+def append_metrics(path: Path, entry: dict) -> None:
     with open(path, "a") as file:
-        file.write(json.dumps(record) + "\n")
+        file.write(json.dumps(entry) + "\n")
 
 
-def open_run(config: TrainConfig, resume: Path | None, model, optimizer, scaler) -> tuple[Path, RunState]:
-    """The run folder and the state to start from: a new folder, or the one being resumed at its checkpoint."""
-    if resume is None:
-        run = Path(config.out) / (config.name or f"{config.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-        if run.exists():
-            raise BadInput(f"{run} exists; pick another --name, or continue it with --resume {run}")
-        state = RunState()
+def run_folder(config: TrainConfig, resume: Path | None) -> tuple[Path, bool]:
+    """``(folder, resuming)``: the run's folder, and whether it continues from the checkpoint there.
+
+    Under torchrun the default name is the rendezvous id, the same on every rank and after a
+    restart: a worker group that torchrun restarts after a failure finds its own folder and
+    resumes from its checkpoint.
+    """
+    if resume is not None:
+        return resume, True
+    name = config.name or f"{config.task}-{distributed.run_id() or time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(config.out) / name
+    if distributed.restarted():
+        return run, (run / "checkpoint.safetensors").is_file()
+    if run.exists():
+        raise BadInput(f"{run} exists; pick another --name, or continue it with --resume {run}")
+    return run, False
+
+
+def open_run(config: TrainConfig, resume: Path | None, model, optimizer, scaler,
+             world: World = World()) -> tuple[Path, RunState]:
+    """The run folder and the state to start from: a new folder, or the one being resumed at its checkpoint.
+
+    Rank 0 chooses the folder and tells the others, so all agree (or all stop with the same error).
+    """
+    chosen = ""
+    try:
+        if world.is_main:
+            run, resuming = run_folder(config, resume)
+            chosen = f"{'resume' if resuming else 'new'} {run}"
+    except BadInput as error:
+        chosen = f"error {error}"
+    verb, _, rest = distributed.broadcast_text(chosen).partition(" ")
+    if verb == "error":
+        raise BadInput(rest)
+    run = Path(rest)
+    metrics = run / "metrics.jsonl"
+    if verb == "new":
+        state = RunState(world_size=world.size)
+        if world.is_main:
+            metrics.unlink(missing_ok=True)  # a restarted group that had written no checkpoint starts over
     else:
-        run = resume
         try:
-            state = load_checkpoint(run / "checkpoint.safetensors", model, optimizer)
+            state = load_checkpoint(run / "checkpoint.safetensors", model, optimizer, world)
         except (FileNotFoundError, ValueError) as error:
             raise BadInput(str(error)) from None
         if state.scaler:
             scaler.load_state_dict(state.scaler)
-        metrics = run / "metrics.jsonl"  # a resumed run logs the steps after its checkpoint again
-        if metrics.is_file():
+        if state.world_size != world.size and world.is_main:
+            print(f"note: the checkpoint's {state.world_size} processes took the steps so far, {world.size} take "
+                  "the rest: each step now takes other micro-batches, so the data order differs from a run "
+                  "that kept its number of processes")
+        state.world_size = world.size
+        if world.is_main and metrics.is_file():  # a resumed run logs the steps after its checkpoint again
             kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= state.step]
             write_atomically(metrics, lambda temporary: temporary.write_text("".join(line + "\n" for line in kept)))
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(config.to_json())
+    if world.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "config.json").write_text(config.to_json())
     return run, state
 
 
-def train(config: TrainConfig, resume: Path | None = None) -> dict:
+def train(config: TrainConfig, resume: Path | None = None, world: World | None = None) -> dict:
     """Run the training ``config`` describes (or continue the run in ``resume``); return a summary.
+
+    ``world``: this process's place among torchrun's (``distributed.start()``, the default, joins
+    them, or finds it is alone). Every rank calls ``train`` with the same settings.
 
     Raises:
         BadInput: a model, data file or setting that cannot work, found before anything is written.
         Diverged: the loss became NaN or infinite.
     """
     start_time = time.perf_counter()
+    world = world or distributed.start()
+    say = print if world.is_main else lambda *args, **kwargs: None
+    device = world.device
 
-    # 1. Seed everything that draws random numbers: LoRA's A, dropout, the data order.
+    # 1. Seed everything that draws random numbers: LoRA's A, dropout, the data order. Every rank
+    #    uses the same seed, so every rank starts from the same A (FSDP2 does not broadcast it).
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     # 2. The pretrained model in fp32 (autocast computes in bf16/fp16; weights and optimizer stay fp32), the data.
+    strategy = "none" if not world.distributed else "ddp" if config.strategy == "auto" else config.strategy
     try:
         precision = choose_precision(config.precision, device)
+        if strategy == "fsdp2" and precision.needs_loss_scaling:
+            raise ValueError("--precision fp16 needs a gradient scaler, which this loop does not combine with "
+                             "FSDP2's sharded gradients; use --precision bf16, or --strategy ddp")
         model, tokenizer = load_model(config.model)
         data = build_task(config, tokenizer)
     except (FileNotFoundError, ValueError) as error:
@@ -182,6 +278,12 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
         # require grad, so the gradients of A and B still flow through a frozen base.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    count_flops = flop_counter(model, config.max_length, say)
+    parameters_line = trainable_parameters_line(model)  # before FSDP2 shards the parameters: their sizes are whole
+    try:
+        model = distributed.wrap_model(model, strategy, world, config.fsdp_bf16)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
 
     # 4. AdamW over A and B only: the frozen base has no gradients and no optimizer state. fp16
     #    alone needs its loss scaled; for bf16 and fp32 the scaler is off and passes values through.
@@ -191,23 +293,25 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
     pad_id = pad_token_id(tokenizer)
     collate = PadCollator(pad_id)
     plan = step_plan([len(example["input_ids"]) for example in data.train], config.batch_size, config.grad_accum,
-                     config.seed)
-    max_steps = total_steps(config, len(data.train))
+                     config.seed, world.rank, world.size)
+    max_steps = total_steps(config, len(data.train), world.size)
     held_out = validation_examples(data.validation, config.eval_batches * config.batch_size)
-    count_flops = flop_counter(model, config.max_length)
 
     # 5. The run folder and the state to start from (step 0, or the resumed checkpoint's).
-    run, state = open_run(config, resume, model, optimizer, scaler)
+    run, state = open_run(config, resume, model, optimizer, scaler, world)
     metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
-    print(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha} "
-          f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
-    print(trainable_parameters_line(model))
-    print(data.description)
-    print(f"{max_steps} steps of {config.grad_accum} x {config.batch_size} sequences; writing to {run}/")
+    say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha} "
+        f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
+    say(parameters_line)
+    say(data.description)
+    processes = f" on each of {world.size} processes ({strategy})" if world.distributed else ""
+    say(f"{max_steps} steps of {config.grad_accum} x {config.batch_size} sequences{processes}; writing to {run}/")
     if state.step == 0:
-        validate(model, held_out, pad_id, config.batch_size, precision, state, metrics_path)
+        loss = validate(model, held_out, pad_id, config.batch_size, precision, state, world)
+        if world.is_main:
+            append_metrics(metrics_path, {"step": 0, "val_loss": loss})
     tokens_seen = 0
-    bar = tqdm(total=max_steps, initial=state.step, desc="training", dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=state.step, desc="training", dynamic_ncols=True, disable=not world.is_main)
 
     # 6. The loop: one optimizer step per iteration.
     while state.step < max_steps:
@@ -217,52 +321,67 @@ def train(config: TrainConfig, resume: Path | None = None) -> dict:
             group["lr"] = lr
 
         # 6a. Forward and backward over the step's micro-batches, every label token weighing the same.
+        planned = plan(state.step)
         micro_batches = [{key: value.to(device) for key, value in collate([data.train[i] for i in indices]).items()}
-                         for indices in plan(state.step)]
-        loss = accumulate_gradients(model, micro_batches, precision, scaler)
-        if not math.isfinite(loss):
+                         for _, indices in planned]
+        seeds = [micro_batch_seed(config.seed, m) for m, _ in planned]
+        loss = accumulate_gradients(model, micro_batches, precision, scaler, seeds, world)
+        if not math.isfinite(loss):  # the same all-reduced loss on every rank: all stop together
             bar.close()
             kept = (f"the last good checkpoint, of step {checkpointed}, stays in {checkpoint_path}"
                     if checkpoint_path.is_file() else "no checkpoint had been written yet")
             raise Diverged(f"the loss is {loss} at step {state.step + 1}; {kept}; lower --lr and try again")
+        missing = distributed.without_gradient(model)
+        if missing:
+            raise BadInput(f"{missing[0]} got no gradient in step {state.step + 1}: under DDP every trainable "
+                           "parameter must take part in every forward (was its adapter disabled?); enable it, or "
+                           "leave its module out of --targets")
 
         # 6b. Clip the gradient norm, step AdamW, clear the gradients.
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm or math.inf).item()
+        grad_norm = distributed.clip_grad_norm(trainable, config.max_grad_norm or math.inf)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        state.flops += sum(count_flops(batch) for batch in micro_batches)
+        tokens, flops = sum_over_ranks(sum(int(batch["attention_mask"].sum()) for batch in micro_batches),
+                                       sum(count_flops(batch) for batch in micro_batches))
+        state.flops += flops
 
-        # 6c. Log, validate, checkpoint.
-        tokens = sum(int(batch["attention_mask"].sum()) for batch in micro_batches)
-        tokens_seen, tokens_per_second = tokens_seen + tokens, tokens / (time.perf_counter() - step_start)
+        # 6c. Log, validate, checkpoint (every rank validates and checkpoints: both are collectives).
+        tokens_seen, tokens_per_second = tokens_seen + int(tokens), tokens / (time.perf_counter() - step_start)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
         bar.update(1)
-        if state.step % config.log_every == 0 or state.step == max_steps:
+        if world.is_main and (state.step % config.log_every == 0 or state.step == max_steps):
             append_metrics(metrics_path, {"step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                                           "tokens_per_second": tokens_per_second, "flops": state.flops})
         stop_early = False
         if state.step % config.eval_every == 0 or state.step == max_steps:
-            validate(model, held_out, pad_id, config.batch_size, precision, state, metrics_path)
-            stop_early = config.early_stop and state.evals_since_best >= config.early_stop
+            val_loss = validate(model, held_out, pad_id, config.batch_size, precision, state, world)
+            if world.is_main:
+                append_metrics(metrics_path, {"step": state.step, "val_loss": val_loss})
+            stop_early = config.early_stop and state.evals_since_best >= config.early_stop  # the same on every rank
         if state.step % config.checkpoint_every == 0 or state.step == max_steps or stop_early:
             state.scaler = scaler.state_dict()
-            save_checkpoint(checkpoint_path, model, optimizer, state)
+            save_checkpoint(checkpoint_path, model, optimizer, state, world)
             checkpointed = state.step
+        distributed.kill_for_test(world, state.step)
         if stop_early:
-            print(f"early stop at step {state.step}: {config.early_stop} evaluations without a better validation loss")
+            say(f"early stop at step {state.step}: {config.early_stop} evaluations without a better validation loss")
             break
     bar.close()
 
-    # 7. The adapter, the loss curve, the summary.
-    save_adapter(model, run / "adapter", base_model_name_or_path=config.model)
-    plotted = plot_losses(metrics_path, run / "loss.png")
-    return summarize(state, run, plotted, tokens_seen, time.perf_counter() - start_time)
+    # 7. The adapter (gathered whole: a collective), the loss curve, the summary: rank 0 writes.
+    tensors = distributed.adapter_tensors(model)
+    plotted = False
+    if world.is_main:
+        save_adapter(distributed.unwrap(model), run / "adapter", base_model_name_or_path=config.model, tensors=tensors)
+        plotted = plot_losses(metrics_path, run / "loss.png")
+    distributed.barrier()
+    return summarize(state, run, plotted, tokens_seen, time.perf_counter() - start_time, say)
 
 
-def summarize(state: RunState, run: Path, plotted: bool, tokens_seen: int, seconds: float) -> dict:
+def summarize(state: RunState, run: Path, plotted: bool, tokens_seen: int, seconds: float, say=print) -> dict:
     """Print what the run did and wrote; return it as a dict."""
     summary = {
         "steps": state.step,
@@ -275,29 +394,37 @@ def summarize(state: RunState, run: Path, plotted: bool, tokens_seen: int, secon
         "adapter": str(run / "adapter"),
         "loss_png": str(run / "loss.png") if plotted else None,
     }
-    print(f"done: {state.step} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session, "
-          f"{format_flops(state.flops)}FLOP of matmuls in all; validation loss {summary['val_loss_start']:.4f} "
-          f"at step 0 -> {summary['val_loss_end']:.4f} at step {state.step}")
-    print(f"saved: {run}/adapter (peft format), {run}/metrics.jsonl, {run}/checkpoint.safetensors"
-          + (f", {run}/loss.png" if plotted else ""))
+    say(f"done: {state.step} steps in {summary['seconds']} s, {tokens_seen:,} tokens this session, "
+        f"{format_flops(state.flops)}FLOP of matmuls in all; validation loss {summary['val_loss_start']:.4f} "
+        f"at step 0 -> {summary['val_loss_end']:.4f} at step {state.step}")
+    say(f"saved: {run}/adapter (peft format), {run}/metrics.jsonl, {run}/checkpoint.safetensors"
+        + (f", {run}/loss.png" if plotted else ""))
     return summary
 
 
+@record  # under torchrun, a rank that fails leaves its traceback in the error file torchrun reports
 def main(argv=None) -> int:
+    world = distributed.start()
+    say_error = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
     try:
         config, resume = parse_config(argv)
     except ValueError as error:  # a setting that cannot work; nothing has been written
-        print(f"error: {error}", file=sys.stderr)
+        say_error(f"error: {error}")
+        distributed.stop()
         return 2
     try:
-        train(config, resume)
+        train(config, resume, world)
+        code = 0
     except BadInput as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        say_error(f"error: {error}")
+        code = 2
     except Diverged as error:
-        print(f"stopped: {error}", file=sys.stderr)
-        return 1
-    return 0
+        say_error(f"stopped: {error}")
+        code = 1
+    # Reached only when every rank got here (these errors are agreed on); any other exception
+    # ends this rank at once, and torchrun stops the others.
+    distributed.stop()
+    return code
 
 
 if __name__ == "__main__":
