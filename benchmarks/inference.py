@@ -6,6 +6,11 @@ time with the KV cache (``eval.generate``). Merged, the model is the base model 
 numbers in W, so it should cost the same; un-merged, every adapted layer adds its two thin
 matmuls and an add.
 
+Beside our decoding loop, transformers' ``model.generate`` decodes the same prompt from the same
+model in the same rounds: greedy, the same number of new tokens (``min_new_tokens`` keeps it
+from stopping at an EOS earlier), under the same autocast. Its tokens per second say what our
+loop, written for reading, costs against the library's.
+
     python -m benchmarks.inference                  # the embedded model, 4 x 256 prefill, 32 decoded tokens
 """
 
@@ -13,6 +18,7 @@ import argparse
 import copy
 import statistics
 import sys
+from functools import partial
 
 import torch
 
@@ -22,6 +28,22 @@ from lora import inject_lora, lora_layers, merge_lora, parse_targets
 from models.loader import EMBEDDED
 
 VARIANTS = ("base", "un-merged", "merged")
+
+
+def interleaved(runs: dict, steps: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each of ``runs`` (name -> function) in each of ``steps`` rounds, after one warm-up call each.
+
+    Each round runs every function once, starting from a different one each round, so that none
+    always runs first (on a cache the others have not warmed, or a CPU they have not heated).
+    """
+    for run in runs.values():
+        run()  # warm-up
+    names = list(runs)
+    seconds = {name: [] for name in names}
+    for step in range(steps):
+        for name in names[step % len(names):] + names[:step % len(names)]:  # none always first
+            seconds[name].append(timed(runs[name], device))
+    return seconds
 
 
 def main(argv=None) -> int:
@@ -46,7 +68,7 @@ def main(argv=None) -> int:
     for _, layer in lora_layers(adapted):
         torch.nn.init.normal_(layer.lora_B.weight, std=0.01)
     merged = merge_lora(copy.deepcopy(adapted))
-    models = {"base": base, "un-merged": adapted, "merged": merged}
+    models = dict(zip(VARIANTS, (base, adapted, merged)))
 
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
@@ -58,29 +80,39 @@ def main(argv=None) -> int:
 
     def decode(model):
         with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            generate(model, prompts[:1, :32], args.new_tokens)
+            return generate(model, prompts[:1, :32], args.new_tokens)
+
+    def decode_with_transformers(model):
+        prompt = prompts[:1, :32]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                  pad_token_id=0)[:, prompt.shape[1]:]
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{args.model} on {device} ({name}), {args.precision}; LoRA r={args.r} on {args.targets}; "
           f"median of {args.steps} interleaved rounds after one warm-up round; ratios are medians of the "
           "ratios within a round")
-    results = {}
-    for workload, run in (("prefill", prefill), ("decode", decode)):
-        for model in models.values():
-            run(model)  # warm-up
-        seconds = {variant: [] for variant in models}
-        for step in range(args.steps):
-            order = VARIANTS[step % len(VARIANTS):] + VARIANTS[:step % len(VARIANTS)]  # none always first
-            for variant in order:
-                seconds[variant].append(timed(lambda: run(models[variant]), device))
-        results[workload] = {variant: (statistics.median(times), paired_ratio(seconds, variant, "base"))
-                             for variant, times in seconds.items()}
+    prefill_s = interleaved({variant: partial(prefill, model) for variant, model in models.items()}, args.steps,
+                            device)
+    theirs = {variant: f"{variant}, transformers" for variant in models}
+    decode_s = interleaved({**{variant: partial(decode, model) for variant, model in models.items()},
+                            **{theirs[variant]: partial(decode_with_transformers, model)
+                               for variant, model in models.items()}}, args.steps, device)
+    same = all(torch.equal(decode(model), decode_with_transformers(model)) for model in models.values())
 
-    print(f"| variant | prefill {args.batch} x {args.seq}, s | / base | decode {args.new_tokens} tokens, s | / base |")
-    print("| --- | --- | --- | --- | --- |")
+    print(f"| variant | prefill {args.batch} x {args.seq}, s | / base | decode {args.new_tokens} tokens, s | / base "
+          "| tokens/s | transformers generate, tokens/s | / transformers |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for variant in models:
-        (prefill_s, prefill_ratio), (decode_s, decode_ratio) = results["prefill"][variant], results["decode"][variant]
-        print(f"| {variant} | {prefill_s:.3f} | {prefill_ratio:.3f} | {decode_s:.3f} | {decode_ratio:.3f} |")
+        decode_median = statistics.median(decode_s[variant])
+        theirs_median = statistics.median(decode_s[theirs[variant]])
+        print(f"| {variant} | {statistics.median(prefill_s[variant]):.3f} | "
+              f"{paired_ratio(prefill_s, variant, 'base'):.3f} | {decode_median:.3f} | "
+              f"{paired_ratio(decode_s, variant, 'base'):.3f} | {args.new_tokens / decode_median:.1f} | "
+              f"{args.new_tokens / theirs_median:.1f} | {paired_ratio(decode_s, variant, theirs[variant]):.3f} |")
+    print(f"\nDecoding: batch 1, a {min(32, args.seq)}-token prompt (its prefill counted in), greedy. eval.generate "
+          f"and transformers' generate wrote the same tokens: {'yes' if same else 'no'}.")
     return 0
 
 

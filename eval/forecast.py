@@ -12,6 +12,10 @@ the point forecast is their median, with the 5-95% band of the samples as its sp
 ``--greedy`` writes one, deterministically. A continuation that does not hold ``horizon``
 well-formed steps is *malformed*: it is counted, and left out of the median.
 
+The model forecasts ``--batch-systems`` systems at once: their prompts, left-padded, in one
+batch, each prompt computed once and shared by its K samples, and each sample stopped as soon
+as it has written ``horizon`` steps.
+
 Baselines on the same systems: persistence (the last context value, repeated) and linear
 extrapolation (a least-squares line through the last few context steps). A model that does
 not beat persistence has learned nothing useful about the dynamics.
@@ -19,20 +23,27 @@ not beat persistence has learned nothing useful about the dynamics.
 
 import argparse
 import sys
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from data.llmtime import decode, encode, fit_scaler
+from data.sequences import pad_token_id
 from data.tasks import task_split
 from eval.cli import add_model_arguments, load_model_and_adapter
-from eval.generate import generate
+from eval.generate import generate, left_pad
 from lora import disable_lora
 
 LINEAR_WINDOW = 5  # context steps the linear baseline fits; few enough to follow the current trend
+# Systems forecast in one batch, chosen by memory: the KV cache of the default run (the embedded
+# model, 500 prompt and up to 130 new tokens, 5 samples per system) is 30 layers x 2 (K and V)
+# x 3 KV heads x 64 x 630 positions x 50 rows x 2 bytes (bf16) = 0.7 GB at 10 systems.
+BATCH_SYSTEMS = 10
 
 
 def persistence(context: np.ndarray, horizon: int) -> np.ndarray:
@@ -61,24 +72,48 @@ class ModelForecast:
         return np.median(self.samples, axis=0) if len(self.samples) else None
 
 
-def model_forecast(model, tokenizer, context: np.ndarray, horizon: int, samples: int = 5, temperature: float = 0.7,
-                   top_p: float = 0.9, seed: int = 0, decimals: int = 2) -> ModelForecast:
-    """Let the model continue the LLMTIME text of ``context``; ``temperature=0`` writes one greedy continuation."""
-    scaler = fit_scaler(context)
-    prompt = encode(context, scaler, decimals) + ";"
-    input_ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+def wrote_horizon(text: str, horizon: int) -> bool:
+    """Whether a continuation ``text`` holds ``horizon`` time steps: every step written ends at its ";"."""
+    return text.count(";") >= horizon
+
+
+def model_forecasts(model, tokenizer, contexts: Sequence[np.ndarray], horizon: int, samples: int = 5,
+                    temperature: float = 0.7, top_p: float = 0.9, seed: int = 0,
+                    decimals: int = 2) -> list[ModelForecast]:
+    """Let the model continue the LLMTIME text of every context, all in one batch; one ``ModelForecast`` each.
+
+    ``contexts`` are ``(n_steps, n_vars)`` arrays; each is scaled on itself, written as text and
+    followed by ";". The prompts are left-padded into one batch, each computed once and its
+    cache copied to its ``samples`` rows (``temperature=0``: one greedy row), and a row stops
+    once it has written ``horizon`` steps. The sampled rows depend on the whole batch and
+    ``seed``: the same contexts and seed give the same forecasts.
+    """
+    scalers = [fit_scaler(context) for context in contexts]
+    prompts = [encode(context, scaler, decimals) + ";" for context, scaler in zip(contexts, scalers)]
+    input_ids, attention_mask = left_pad([tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts],
+                                         pad_token_id(tokenizer))
     # Room for horizon steps as long as the longest context step, plus slack for longer numbers.
-    step_length = max(len(step) for step in prompt.split(";")) + 1
+    step_length = max(len(step) for prompt in prompts for step in prompt.split(";")) + 1
     max_new_tokens = horizon * (step_length + 2)
     rows = 1 if temperature == 0 else samples
     device = next(model.parameters()).device
-    new = generate(model, input_ids.repeat(rows, 1).to(device), max_new_tokens, temperature=temperature,
-                   top_p=top_p, seed=seed, eos_token_id=tokenizer.eos_token_id)
+    new = generate(model, input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                   eos_token_id=tokenizer.eos_token_id, attention_mask=attention_mask.to(device),
+                   samples_per_prompt=rows, tokenizer=tokenizer, stop_when=partial(wrote_horizon, horizon=horizon))
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
-    parsed = [decode(text, scaler)[:horizon] for text in texts]
-    good = [forecast for forecast in parsed if len(forecast) == horizon]
-    n_vars = context.shape[1]
-    return ModelForecast(np.stack(good) if good else np.empty((0, horizon, n_vars)), rows - len(good))
+    forecasts = []
+    for index, (context, scaler) in enumerate(zip(contexts, scalers)):
+        parsed = [decode(text, scaler)[:horizon] for text in texts[index * rows : (index + 1) * rows]]
+        good = [forecast for forecast in parsed if len(forecast) == horizon]
+        samples_array = np.stack(good) if good else np.empty((0, horizon, context.shape[1]))
+        forecasts.append(ModelForecast(samples_array, rows - len(good)))
+    return forecasts
+
+
+def model_forecast(model, tokenizer, context: np.ndarray, horizon: int, samples: int = 5, temperature: float = 0.7,
+                   top_p: float = 0.9, seed: int = 0, decimals: int = 2) -> ModelForecast:
+    """``model_forecasts`` of one context: ``temperature=0`` writes one greedy continuation."""
+    return model_forecasts(model, tokenizer, [context], horizon, samples, temperature, top_p, seed, decimals)[0]
 
 
 def errors(truth: np.ndarray, forecast: np.ndarray) -> dict:
@@ -146,8 +181,12 @@ def plot_forecasts(path: Path, contexts, truths, forecasts: dict[str, list[Model
 
 
 def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: int, adapter: bool, samples: int,
-                  temperature: float, top_p: float, seed: int, zero_shot: bool = True) -> tuple[dict, dict, list[int]]:
+                  temperature: float, top_p: float, seed: int, zero_shot: bool = True,
+                  batch_systems: int = BATCH_SYSTEMS) -> tuple[dict, dict, list[int]]:
     """Forecast every system with the adapter (if ``adapter``), the base model (if ``zero_shot``) and the baselines.
+
+    The model forecasts ``batch_systems`` systems per batch (``model_forecasts``); the batch
+    starting at system i samples with seed ``seed + i``.
 
     Returns:
         ``(metrics, forecasts, scored)``: per-method metrics over the ``scored`` systems (those
@@ -159,11 +198,14 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
         models["base model, zero-shot"] = False
     forecasts = {}
     for method, use_adapter in models.items():
-        with nullcontext() if use_adapter else disable_lora(model):
-            forecasts[method] = [
-                model_forecast(model, tokenizer, c, horizon, samples, temperature, top_p, seed=seed + i)
-                for i, c in enumerate(tqdm(contexts, desc=method, dynamic_ncols=True))
-            ]
+        forecasts[method] = []
+        with nullcontext() if use_adapter else disable_lora(model), \
+                tqdm(total=len(contexts), desc=method, unit="system", dynamic_ncols=True) as progress:
+            for start in range(0, len(contexts), batch_systems):
+                batch = contexts[start : start + batch_systems]
+                forecasts[method] += model_forecasts(model, tokenizer, batch, horizon, samples, temperature, top_p,
+                                                     seed=seed + start)
+                progress.update(len(batch))
     points = {method: [f.median for f in per_system] for method, per_system in forecasts.items()}
     points["persistence"] = [persistence(c, horizon) for c in contexts]
     points["linear extrapolation"] = [linear_extrapolation(c, horizon) for c in contexts]
@@ -195,6 +237,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-zero-shot", action="store_true",
                         help="with --adapter, skip the base model (its forecasts do not depend on the adapter)")
     parser.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    parser.add_argument("--batch-systems", type=int, default=BATCH_SYSTEMS,
+                        help="systems forecast per batch, each with its --samples rows; more needs more memory "
+                             "(%(default)s)")
     parser.add_argument("--out", type=Path, default=Path("results/forecast"), help="folder for the table and plot")
     args = parser.parse_args(argv)
     try:
@@ -202,8 +247,8 @@ def main(argv=None) -> int:
         if args.context < 2 or args.horizon < 1 or args.context + args.horizon > series.shape[1]:
             raise ValueError(f"--context {args.context} + --horizon {args.horizon} must fit in the series' "
                              f"{series.shape[1]} steps, with a context of at least 2")
-        if args.samples < 1 or args.systems < 1:
-            raise ValueError("--samples and --systems must be at least 1")
+        if args.samples < 1 or args.systems < 1 or args.batch_systems < 1:
+            raise ValueError("--samples, --systems and --batch-systems must be at least 1")
         model, tokenizer = load_model_and_adapter(args)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -212,9 +257,10 @@ def main(argv=None) -> int:
     temperature = 0.0 if args.greedy else args.temperature
     results, forecasts, scored = run_forecasts(model, tokenizer, series, args.context, args.horizon,
                                                bool(args.adapter), args.samples, temperature, args.top_p, args.seed,
-                                               zero_shot=not args.no_zero_shot)
+                                               zero_shot=not args.no_zero_shot, batch_systems=args.batch_systems)
     table = markdown_table(results, len(scored))
-    settings = (f"{args.model}, context {args.context}, horizon {args.horizon}, "
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # --precision as it was resolved
+    settings = (f"{args.model} ({dtype}), context {args.context}, horizon {args.horizon}, "
                 + ("greedy" if args.greedy else f"median of {args.samples} samples (T={args.temperature}, "
                                                 f"top-p={args.top_p})"))
     print(settings)

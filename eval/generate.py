@@ -23,6 +23,12 @@ They do not change once computed, so the model keeps them (its ``cache``) and ea
 only the one new token (``forward_with_cache``): a step costs one position's work, not the whole
 sequence's.
 
+Batches: many prompts are generated at once, one row each. Prompts of different lengths are
+padded on the left (``left_pad``) and the attention mask keeps the padding out; K samples of one
+prompt share its prefill, the cache copied to the K rows (``samples_per_prompt``); a row that is
+finished (EOS, a stop string, a ``stop_when`` test) leaves the batch, so it costs nothing more.
+Greedy, a batch gives each row the tokens it would get alone (``tests/test_generate.py``).
+
     python -m eval.generate --prompt "Name three primary colours."
     python -m eval.generate --prompt "..." --adapter runs/demo/adapter --temperature 0
     python -m eval.generate --novel --adapter runs/demo/adapter   # unseen instructions, base vs adapter
@@ -31,7 +37,7 @@ sequence's.
 import argparse
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -165,15 +171,20 @@ def check_sampling(temperature, top_k, top_p) -> None:
     check_top_p(top_p)
 
 
-def check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings=(), tokenizer=None) -> None:
+def check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings=(), tokenizer=None,
+                     samples_per_prompt=1, stop_when=None) -> None:
     """Every check ``generate`` makes before running the model (the command makes them before loading it)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
     check_sampling(temperature, top_k, top_p)
     if isinstance(stop_strings, str):
         raise ValueError(f"stop_strings must be a list of strings, got the string {stop_strings!r}; wrap it: [...]")
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need the tokenizer, to decode the new tokens; pass tokenizer=...")
+    if stop_when is not None and tokenizer is None:
+        raise ValueError("stop_when needs the tokenizer, to decode the new tokens; pass tokenizer=...")
 
 
 # --- The generation loop -------------------------------------------------------------------------------------------
@@ -221,6 +232,29 @@ def forward_with_cache(model, input_ids: torch.Tensor, cache=None, attention_mas
     return outputs.logits[:, -1].float(), outputs[name]
 
 
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists of different lengths as one batch, padded on the left: ``(input_ids, attention_mask)``.
+
+    Shapes: B lists -> two ``(B, longest)`` int64 tensors; the mask is 1 on real tokens, 0 on padding.
+
+    Left, not right: every row's last real token then sits in the last column, so one step
+    reads every row's next-token logits at the same position and appends after it. The mask
+    keeps the padding out of attention, and ``forward_with_cache`` counts positions from it.
+
+    Raises:
+        ValueError: no sequences, or an empty one (there is nothing to continue).
+    """
+    if not sequences or min(len(ids) for ids in sequences) == 0:
+        raise ValueError("left_pad needs at least one sequence and no empty one; give each prompt a token")
+    longest = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, longest - len(ids):] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, longest - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -234,17 +268,22 @@ def generate(
     tokenizer=None,
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    samples_per_prompt: int = 1,
+    stop_when: Callable[[str], bool] | None = None,
 ) -> torch.Tensor:
-    """Continue each row of ``input_ids``; return the new token ids.
+    """Continue each row of ``input_ids`` ``samples_per_prompt`` times; return the new token ids.
 
-    Shapes: ``input_ids (batch, prompt) -> (batch, n_new)``, ``n_new <= max_new_tokens``.
+    Shapes: ``input_ids (batch, prompt) -> (batch * samples_per_prompt, n_new)``, ``n_new <= max_new_tokens``;
+    the rows are prompt 0's samples, then prompt 1's, and so on.
 
-    Rows are prompts of equal length, e.g. K samples of one prompt (``prompt_ids.repeat(K, 1)``);
-    prompts of different lengths can be left-padded and given an ``attention_mask``. A row is
-    finished once it produces ``eos_token_id`` (which is kept) or its decoded new text contains
-    one of ``stop_strings`` (the token completing it is kept); after that its positions hold the
-    EOS id (the tokenizer's pad id when there is no EOS id), so the result is rectangular.
-    Generation stops early when every row is finished.
+    Rows are prompts; prompts of different lengths are left-padded (``left_pad``) and given their
+    ``attention_mask``. K samples of one prompt are ``samples_per_prompt=K``: the prompt is
+    computed once and its KV cache copied to the K rows, not computed K times. A row is
+    finished once it produces ``eos_token_id`` (which is kept), or its decoded new text contains
+    one of ``stop_strings`` or makes ``stop_when`` true (the token that did it is kept); after
+    that its positions hold the EOS id (the tokenizer's pad id when there is no EOS id), so the
+    result is rectangular. A finished row leaves the batch, and generation stops when every
+    row is finished.
 
     Args:
         model: a transformers causal LM; in eval mode while generating (no dropout), its own mode after.
@@ -253,54 +292,73 @@ def generate(
         temperature, top_k, top_p: as in ``sample_next_token``; the default, temperature 0, is greedy.
             The source material samples with temperature 0.7 and top_p 0.9.
         eos_token_id: the token that ends a row (``tokenizer.eos_token_id``); None: rows end only
-            at a stop string or after ``max_new_tokens``.
+            at a stop condition or after ``max_new_tokens``.
         stop_strings: texts that end a row when they appear in its new text.
-        tokenizer: decodes the new tokens for ``stop_strings``; not needed otherwise.
+        tokenizer: decodes the new tokens for ``stop_strings`` and ``stop_when``; not needed otherwise.
         seed: seeds the sampling, so the same seed and prompts give the same tokens; None uses torch's
             global generator.
         attention_mask: ``(batch, prompt)``, 0 on left padding; None when there is none.
+        samples_per_prompt: rows generated from each prompt (K samples); 1 by default.
+        stop_when: a test on a row's new text that ends the row when true, e.g. "holds 10 ';'".
 
     Raises:
-        ValueError: max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1], or
-            stop_strings without a tokenizer.
+        ValueError: max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1],
+            samples_per_prompt < 1, or stop_strings or stop_when without a tokenizer.
     """
-    check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer)
+    check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer, samples_per_prompt,
+                     stop_when)
     with eval_mode(model):  # no dropout while generating; the caller's train/eval mode comes back after
         generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
-        # After a row finishes, its positions hold the EOS id; with stop strings alone, the tokenizer's pad id.
-        fill_id = eos_token_id
-        if fill_id is None and stop_strings:
-            fill_id = pad_token_id(tokenizer)
+        stops = bool(stop_strings) or stop_when is not None
+        # After a row finishes, its positions hold the EOS id; with stop conditions alone, the tokenizer's pad id.
+        # (Without either no row finishes early, and every position is written.)
+        fill_id = eos_token_id if eos_token_id is not None else pad_token_id(tokenizer) if stops else 0
 
-        # 1. Prefill: one forward over the whole prompt puts the keys and values of every prompt
-        #    position in the cache and gives the distribution of the first new token.
+        # 1. Prefill, once per distinct prompt: one forward over the prompts puts the keys and values
+        #    of every prompt position in the cache and gives the distribution of the first new token.
         logits, cache = forward_with_cache(model, input_ids, None, attention_mask)
-        finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        new_tokens = []
-        for step in range(max_new_tokens):
-            # 2. Pick each row's next token; a finished row gets the fill id instead. Finished rows are
-            #    still sampled, so every step draws the same random numbers however many rows are done.
-            next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
-            if fill_id is not None:
-                next_ids = next_ids.masked_fill(finished, fill_id)
-            new_tokens.append(next_ids)
 
-            # 3. A row is finished at EOS, or when its new text contains a stop string.
-            if eos_token_id is not None:
-                finished |= next_ids == eos_token_id
-            if stop_strings:
-                generated = torch.stack(new_tokens, dim=1)
-                for row in (~finished).nonzero().flatten().tolist():
-                    text = tokenizer.decode(generated[row])
-                    finished[row] = any(stop in text for stop in stop_strings)
-            if finished.all() or step == max_new_tokens - 1:
+        # 2. Expand to the samples: each prompt's cache, last logits and mask copied K times (rows
+        #    prompt 0 x K, prompt 1 x K, ...), the prompt's work done once. The samples part from the first token on.
+        if samples_per_prompt > 1:
+            cache.batch_repeat_interleave(samples_per_prompt)
+            logits = logits.repeat_interleave(samples_per_prompt, dim=0)
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(samples_per_prompt, dim=0)
+
+        rows = logits.shape[0]
+        new_tokens = torch.full((rows, max_new_tokens), fill_id, dtype=torch.long, device=input_ids.device)
+        live = torch.arange(rows, device=input_ids.device)  # the rows still written; cache and logits hold these only
+        for step in range(max_new_tokens):
+            # 3. Pick each live row's next token.
+            next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
+            new_tokens[live, step] = next_ids
+
+            # 4. A row is finished at EOS, or when its new text meets a stop condition.
+            finished = next_ids == eos_token_id if eos_token_id is not None else torch.zeros_like(next_ids, dtype=bool)
+            if stops:
+                candidates = (~finished).nonzero().flatten()
+                texts = tokenizer.batch_decode(new_tokens[live[candidates], : step + 1])
+                for index, text in zip(candidates.tolist(), texts):
+                    met = any(stop in text for stop in stop_strings) or (stop_when is not None and stop_when(text))
+                    finished[index] = met
+
+            # 5. A finished row leaves the batch (its cache rows too): its tokens are written, and the
+            #    model no longer runs on it. Rows never attend to each other, so the others go on as before.
+            if finished.any():
+                keep = (~finished).nonzero().flatten()
+                live, next_ids = live[keep], next_ids[keep]
+                cache.batch_select_indices(keep)
+                if attention_mask is not None:
+                    attention_mask = attention_mask[keep]
+            if len(live) == 0 or step == max_new_tokens - 1:
                 break
 
-            # 4. Feed only the new token: the cache holds everything before it.
+            # 6. Feed only the new token: the cache holds everything before it.
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(next_ids), 1)], dim=1)
             logits, cache = forward_with_cache(model, next_ids[:, None], cache, attention_mask)
-        return torch.stack(new_tokens, dim=1)
+        return new_tokens[:, : step + 1]
 
 
 # --- The command ----------------------------------------------------------------------------------------------------
@@ -318,15 +376,29 @@ def format_prompt(tokenizer, prompt: str) -> str:
                                          tokenize=False)
 
 
-def complete(model, tokenizer, prompt: str, args: argparse.Namespace) -> str:
-    """The model's answer to ``prompt`` (wrapped in the chat template) with the command's sampling settings."""
+def complete_all(model, tokenizer, prompts: Sequence[str], args: argparse.Namespace) -> list[str]:
+    """The model's answers to ``prompts`` (each wrapped in the chat template), ``args.batch_size`` per batch.
+
+    Each batch is one ``generate`` call on the left-padded prompts, with the command's sampling
+    settings and seed; EOS ends each answer.
+    """
     # A chat template already holds the special tokens: the tokenizer must not add a BOS of its own.
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    text = format_prompt(tokenizer, prompt)
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=not has_template).input_ids
-    new = generate(model, ids.to(model.device), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed)
-    return tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    answers = []
+    for start in range(0, len(prompts), args.batch_size):
+        texts = [format_prompt(tokenizer, prompt) for prompt in prompts[start : start + args.batch_size]]
+        ids = [tokenizer(text, add_special_tokens=not has_template).input_ids for text in texts]
+        input_ids, attention_mask = left_pad(ids, pad_token_id(tokenizer))
+        new = generate(model, input_ids.to(model.device), args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed,
+                       attention_mask=attention_mask.to(model.device))
+        answers += [answer.strip() for answer in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return answers
+
+
+def complete(model, tokenizer, prompt: str, args: argparse.Namespace) -> str:
+    """The model's answer to one ``prompt`` (wrapped in the chat template) with the command's sampling settings."""
+    return complete_all(model, tokenizer, [prompt], args)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling; 1.0 keeps every token")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 keeps all")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same answer")
+    parser.add_argument("--batch-size", type=int, default=len(NOVEL_INSTRUCTIONS),
+                        help="--novel: instructions answered in one batch")
     return parser
 
 
@@ -353,6 +427,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag: argparse prints one line and exits with status 2
     try:
         check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         # 1. The base model, then the adapter (LoRA injected and loaded) when one is given.
         model, tokenizer = load_model_and_adapter(args)
     except (FileNotFoundError, ValueError) as error:
@@ -364,16 +440,18 @@ def main(argv=None) -> int:
         print(complete(model, tokenizer, args.prompt, args))
         return 0
 
-    # 3. --novel: each instruction answered by the base model (LoRA switched off), then with the
-    #    adapter, from the same seed, so the difference between the answers is the adapter's doing.
+    # 3. --novel: every instruction answered by the base model (LoRA switched off), then with the
+    #    adapter, in batches from the same seed, so the difference between the answers is the adapter's doing.
     if args.adapter is None:
         print("no --adapter given: the base model's answers only")
+    with disable_lora(model):
+        base_answers = complete_all(model, tokenizer, NOVEL_INSTRUCTIONS, args)
+    adapter_answers = complete_all(model, tokenizer, NOVEL_INSTRUCTIONS, args) if args.adapter is not None else None
     for number, instruction in enumerate(NOVEL_INSTRUCTIONS, 1):
         print(f"=== {number}/{len(NOVEL_INSTRUCTIONS)}: {instruction}")
-        with disable_lora(model):
-            print(f"--- base model ({args.model}):\n{complete(model, tokenizer, instruction, args)}")
-        if args.adapter is not None:
-            print(f"--- with the adapter ({args.adapter}):\n{complete(model, tokenizer, instruction, args)}")
+        print(f"--- base model ({args.model}):\n{base_answers[number - 1]}")
+        if adapter_answers is not None:
+            print(f"--- with the adapter ({args.adapter}):\n{adapter_answers[number - 1]}")
         print()
     return 0
 

@@ -21,13 +21,14 @@ from lora.inject import (
 from lora.layer import LoRALinear
 from lora.merge import merge_and_unload, merge_lora, unmerge_lora
 from lora.nf4 import NF4Linear, dequantize_model, quantize_model
-from lora.parameters import count_parameters, print_trainable_parameters, trainable_parameters_line
+from lora.parameters import cast_frozen, count_parameters, print_trainable_parameters, trainable_parameters_line
 
 __all__ = [
     "LoRALinear",
     "NF4Linear",
     "adapter_config",
     "adapter_state_dict",
+    "cast_frozen",
     "count_parameters",
     "dequantize_model",
     "disable_lora",

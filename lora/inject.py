@@ -9,6 +9,8 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
+
 from torch import nn
 
 from lora.layer import LoRALinear, check_hyperparameters
@@ -91,6 +93,7 @@ def inject_lora(
     r: int = 8,
     alpha: float = 16,
     dropout: float = 0.0,
+    adapter_dtype: torch.dtype | None = None,
 ) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or 4-bit ``NF4Linear``) of ``model`` with a ``LoRALinear``, in place.
 
@@ -101,6 +104,9 @@ def inject_lora(
         target_modules: which layers to adapt, matched as peft does (see ``matches_target``).
             The default, the query and value projections, is the LoRA paper's choice (§7.1).
         r, alpha, dropout: passed to every ``LoRALinear``.
+        adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
+            bf16 base passes float32: the small updates AdamW makes to A and B would round away
+            in bf16, whose spacing around 1 is 2^-8.
 
     Returns:
         The full names of the replaced modules, in model order.
@@ -114,7 +120,8 @@ def inject_lora(
     check_hyperparameters(r, alpha, dropout)
     targets = find_targets(model, target_modules)
     for name in targets:
-        model.set_submodule(name, LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout), strict=True)
+        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype)
+        model.set_submodule(name, layer, strict=True)
     mark_only_lora_trainable(model)
     return targets
 

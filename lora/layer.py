@@ -43,8 +43,9 @@ class LoRALinear(nn.Module):
     Shapes: ``(..., in_features) -> (..., out_features)``.
 
     The frozen layer is held, not inherited from, as ``base_layer``: an ``nn.Linear``, or an
-    ``NF4Linear`` (4-bit, ``lora/nf4.py``: QLoRA), whose A and B take the original weight's dtype.
-    The update is
+    ``NF4Linear`` (4-bit, ``lora/nf4.py``: QLoRA). A and B take the base weight's dtype, or
+    ``dtype`` when given: float32 adapters on a bf16 base train as peft's do by default
+    (``autocast_adapter_dtype``), with autocast running each matmul in bf16. The update is
     ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``, both without bias.
     These names make the state-dict keys the ones Hugging Face peft reads and writes.
 
@@ -68,13 +69,15 @@ class LoRALinear(nn.Module):
             varies: "This scaling helps to reduce the need to retune hyperparameters when we
             vary r" (§4.1). (``alpha = 2 * r`` for every r instead fixes the scaling at 2.)
         dropout: dropout on the input of the low-rank path only; the base path sees x as is.
+        dtype: the dtype of A and B; None (the default) takes the base weight's.
 
     Raises:
         TypeError: ``base`` is neither an ``nn.Linear`` nor an ``NF4Linear``.
         ValueError: r <= 0, alpha <= 0, or dropout outside [0, 1).
     """
 
-    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
@@ -86,8 +89,9 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.scaling = self.alpha / self.r
         weight = self._frozen_weight()
-        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=weight.device, dtype=weight.dtype)
-        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, device=weight.device, dtype=weight.dtype)
+        dtype = dtype or weight.dtype
+        self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, base.out_features, bias=False, device=weight.device, dtype=dtype)
         # Identity rather than Dropout(0.0): the same module peft uses, and no wasted kernel.
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False

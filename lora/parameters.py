@@ -1,5 +1,6 @@
-"""Counting parameters: how much of the model LoRA actually trains."""
+"""What trains and what does not: counting parameters, and holding the frozen ones in a cheaper dtype."""
 
+import torch
 from torch import nn
 
 from lora.nf4 import NF4Linear
@@ -34,3 +35,29 @@ def trainable_parameters_line(model: nn.Module) -> str:
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print ``trainable_parameters_line(model)``, exactly as peft's ``print_trainable_parameters()`` does."""
     print(trainable_parameters_line(model))
+
+
+@torch.no_grad()
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Hold every frozen floating-point parameter of ``model`` in ``dtype``; return how many changed.
+
+    What trains (``requires_grad``: LoRA's A and B) keeps its dtype, and so do the buffers
+    (a Llama's rotary ``inv_freq`` stays float32: rounded, the positions far along would drift).
+    A 4-bit ``NF4Linear`` keeps its codes and float32 absmax constants as quantized, unrounded;
+    its bias is cast, and it dequantizes to ``dtype`` from then on (its ``dtype``).
+
+    Each parameter changes in place, as ``nn.Module.to`` changes it, so weights that are shared
+    (an embedding tied to the vocabulary head) stay shared.
+    """
+    quantized = [m for m in model.modules() if isinstance(m, NF4Linear)]
+    storage = {id(tensor) for layer in quantized for tensor in layer.storage()}
+    for layer in quantized:
+        layer.dtype = dtype
+    changed = 0
+    for parameter in model.parameters():
+        if parameter.requires_grad or id(parameter) in storage or not parameter.is_floating_point():
+            continue
+        if parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)  # .data: the same Parameter object, so ties hold
+            changed += 1
+    return changed

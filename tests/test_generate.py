@@ -1,6 +1,7 @@
 """Sampling: the filters equal transformers' warpers, greedy equals model.generate, the KV cache, stopping, the CLI."""
 
 import math
+from argparse import Namespace
 
 import pytest
 import torch
@@ -14,12 +15,14 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from eval.cli import load_model_and_adapter
 from eval.generate import (
     NOVEL_INSTRUCTIONS,
     apply_temperature,
     format_prompt,
     forward_with_cache,
     generate,
+    left_pad,
     main,
     sample_next_token,
     top_k_filter,
@@ -203,6 +206,82 @@ def test_stop_string_ends_a_row_and_the_rest_is_padding():
     assert_close(out, cut_at_first(free, finished_at, tokenizer.pad_token_id), **EXACT)
 
 
+# --- Batches: left padding, one prefill per prompt, rows that stop on their own ---------------------------------------
+
+
+def prompts_of_lengths(model, lengths, seed=0):
+    """Seeded token-id lists of the given ``lengths``, within the model's vocabulary."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def test_left_pad_puts_the_padding_on_the_left_and_masks_it():
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert_close(input_ids, torch.tensor([[5, 6, 7], [0, 0, 8], [0, 9, 10]]), **EXACT)
+    assert_close(attention_mask, torch.tensor([[1, 1, 1], [0, 0, 1], [0, 1, 1]]), **EXACT)
+    with pytest.raises(ValueError, match="left_pad needs at least one sequence and no empty one"):
+        left_pad([[1], []], pad_id=0)
+
+
+@pytest.mark.parametrize("eos", [None, "a token the rows write"])
+def test_batched_greedy_gives_each_prompt_the_tokens_it_gets_alone(tiny, eos):
+    prompts = prompts_of_lengths(tiny, (5, 12, 8, 1, 12))
+    alone = [generate(tiny, torch.tensor([prompt]), max_new_tokens=24)[0] for prompt in prompts]
+    if eos is not None:  # rows then finish at different steps and leave the batch: the others must not change
+        eos = int(alone[0][3])
+        finished_at = [row.index(eos) if eos in row else None for row in (tokens.tolist() for tokens in alone)]
+        assert len(set(finished_at)) > 1, "the rows should finish at different steps for this test to mean something"
+        alone = list(cut_at_first(torch.stack(alone), finished_at, eos))
+    input_ids, attention_mask = left_pad(prompts, TINY_SHAPE["pad_token_id"])
+    batched = generate(tiny, input_ids, max_new_tokens=24, eos_token_id=eos, attention_mask=attention_mask)
+    # Tokens, exactly. The logits agree to the last bits only: a matmul over 5 rows sums in
+    # another order than over 1 (the same happens without padding), never enough to change an argmax here.
+    assert_close(batched, torch.stack(alone), **EXACT)
+
+
+def test_prefill_once_then_expand_gives_the_tokens_of_repeating_each_prompt(tiny):
+    prompts = prompts_of_lengths(tiny, (6, 10, 3))
+    input_ids, attention_mask = left_pad(prompts, TINY_SHAPE["pad_token_id"])
+    repeated = generate(tiny, input_ids.repeat_interleave(4, dim=0), max_new_tokens=16,
+                        attention_mask=attention_mask.repeat_interleave(4, dim=0))
+    expanded = generate(tiny, input_ids, max_new_tokens=16, attention_mask=attention_mask, samples_per_prompt=4)
+    assert expanded.shape == (12, 16)
+    assert_close(expanded, repeated, **EXACT)
+
+
+def test_expanded_cache_gives_the_logits_of_the_repeated_prompt(tiny):
+    prompt, next_ids = token_batch(tiny, batch=1, length=9), token_batch(tiny, batch=3, length=1, seed=1)
+    with torch.no_grad():
+        _, cache = forward_with_cache(tiny, prompt)
+        cache.batch_repeat_interleave(3)  # one prefill, its keys and values copied to the 3 rows
+        expanded, _ = forward_with_cache(tiny, next_ids, cache)
+        repeated = tiny(torch.cat([prompt.repeat(3, 1), next_ids], dim=1)).logits[:, -1]
+    assert_close(expanded, repeated)  # fp32's tolerance: 3 rows sum in another order than 1
+
+
+def test_samples_per_prompt_repeat_with_their_seed_and_differ_with_another(tiny):
+    input_ids, attention_mask = left_pad(prompts_of_lengths(tiny, (6, 4)), TINY_SHAPE["pad_token_id"])
+    settings = dict(max_new_tokens=20, temperature=1.0, top_p=0.95, attention_mask=attention_mask,
+                    samples_per_prompt=3)
+    first, again = generate(tiny, input_ids, seed=0, **settings), generate(tiny, input_ids, seed=0, **settings)
+    other = generate(tiny, input_ids, seed=1, **settings)
+    assert_close(again, first, **EXACT)
+    assert not torch.equal(other, first)
+    assert len({tuple(row) for row in first.tolist()}) == 6  # the samples differ, within a prompt and across
+
+
+def test_stop_when_ends_each_row_at_its_horizon_and_the_batch_when_every_row_is_done():
+    model, tokenizer = tiny_model("tiny-llama"), char_tokenizer()
+    input_ids, attention_mask = left_pad(tokenizer(["hello", "a;b;c", "12,3"]).input_ids, tokenizer.pad_token_id)
+    free = generate(model, input_ids, max_new_tokens=32, attention_mask=attention_mask)
+    # This model writes "Q" often: a row's horizon is its third "Q", as a forecast's is its horizon-th ";".
+    finished_at = [next((t for t in range(32) if tokenizer.decode(row[:t + 1]).count("Q") >= 3), None) for row in free]
+    assert None not in finished_at and len(set(finished_at)) == 3 and max(finished_at) < 31
+    out = generate(model, input_ids, max_new_tokens=32, attention_mask=attention_mask, tokenizer=tokenizer,
+                   stop_when=lambda text: text.count("Q") >= 3)
+    assert_close(out, cut_at_first(free, finished_at, tokenizer.pad_token_id), **EXACT)  # ends at the last row's end
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
@@ -214,6 +293,8 @@ def test_stop_string_ends_a_row_and_the_rest_is_padding():
         (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
         (dict(stop_strings=["\n"]), "stop_strings need the tokenizer, to decode the new tokens; pass tokenizer="),
         (dict(stop_strings="\n", tokenizer=char_tokenizer()), "stop_strings must be a list of strings"),
+        (dict(stop_when=str.isdigit), "stop_when needs the tokenizer, to decode the new tokens; pass tokenizer="),
+        (dict(samples_per_prompt=0), "samples_per_prompt must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_settings_raise_a_one_line_error(settings, message):
@@ -236,7 +317,7 @@ def test_the_filters_reject_settings_out_of_range():
 # --- The command ------------------------------------------------------------------------------------------------------
 
 
-TINY_RUN = ["--model", "tiny-llama", "--max-new-tokens", "12"]
+TINY_RUN = ["--model", "tiny-llama", "--max-new-tokens", "12", "--precision", "fp32"]
 
 
 def test_prompt_is_wrapped_in_the_chat_template_only_when_there_is_one():
@@ -289,6 +370,24 @@ def test_novel_prints_base_then_adapter_answers_and_the_base_ones_are_the_model_
     out = capsys.readouterr().out
     assert out.startswith("no --adapter given: the base model's answers only\n")
     assert novel_answers(out, "base model") == base and "with the adapter" not in out
+
+
+def test_novel_answers_do_not_depend_on_the_batch_size(tmp_path, capsys):
+    adapter = tiny_adapter(tmp_path / "adapter")
+    outputs = []
+    for batch_size in ("1", "2", str(len(NOVEL_INSTRUCTIONS))):  # one at a time, ragged batches, one batch
+        assert main([*TINY_RUN, "--novel", "--adapter", str(adapter), "--temperature", "0", "--batch-size",
+                     batch_size]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_precision_holds_the_model_and_its_adapter_in_that_dtype(tmp_path, precision, dtype):
+    adapter = tiny_adapter(tmp_path / "adapter")
+    args = Namespace(model="tiny-llama", adapter=str(adapter), precision=precision)
+    model, _ = load_model_and_adapter(args)
+    assert {parameter.dtype for parameter in model.parameters()} == {dtype}
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lora import (
     LoRALinear,
+    cast_frozen,
     count_parameters,
     disable_lora,
     find_linear_modules,
@@ -18,6 +19,7 @@ from lora import (
     merge_lora,
     parse_targets,
 )
+from models.loader import tiny_model
 
 Q_AND_V = [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
 
@@ -203,3 +205,30 @@ def test_low_precision_model_trains_and_merges_in_its_dtype(tiny, dtype):
         unmerged = model(ids).logits.float()
         merged = merge_lora(model)(ids).logits.float()
     assert_close(merged, unmerged, rtol=0.05, atol=0.05)
+
+
+def test_adapter_dtype_gives_float32_a_and_b_on_a_bf16_base(tiny):
+    model = tiny.to(torch.bfloat16)
+    inject_lora(model, r=4, alpha=8, adapter_dtype=torch.float32)
+    trainable = {p.dtype for p in model.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert trainable == {torch.float32} and frozen == {torch.bfloat16}
+
+
+def test_cast_frozen_casts_the_base_not_lora_nor_buffers_and_keeps_ties():
+    model = tiny_model("tiny-qwen2")  # ties its embedding to the vocabulary head
+    inject_lora(model, r=4, alpha=8)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    cast_frozen(model, torch.bfloat16)
+    for name, parameter in model.named_parameters():
+        assert parameter.dtype == (torch.float32 if parameter.requires_grad else torch.bfloat16), name
+    for name, buffer in model.named_buffers():
+        assert buffer.dtype == buffers[name].dtype and torch.equal(buffer, buffers[name]), name
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_cast_frozen_rounds_as_casting_the_model_does():
+    model, reference = tiny_model("tiny-llama"), tiny_model("tiny-llama").to(torch.bfloat16)
+    cast_frozen(model.requires_grad_(False), torch.bfloat16)
+    for (name, parameter), expected in zip(model.named_parameters(), reference.parameters()):
+        assert_close(parameter, expected, rtol=0, atol=0, msg=name)

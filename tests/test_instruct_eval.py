@@ -8,7 +8,7 @@ from data.instructions import save_instructions
 from data.lotka_volterra import create_dataset, save_dataset
 from data.template import format_prompt
 from eval import instruct
-from eval.instruct import exact_match, main
+from eval.instruct import answer, answers, exact_match, main
 from models.loader import char_tokenizer, tiny_model
 
 TOKENIZER = char_tokenizer()
@@ -19,9 +19,13 @@ def answers_with(text_for):
     """A stand-in for ``generate`` that answers each prompt with ``text_for(task)`` and EOS."""
     by_prompt = {format_prompt(task): task for task in TASKS}
 
-    def fake_generate(model, input_ids, max_new_tokens, **settings):
-        task = by_prompt[TOKENIZER.decode(input_ids[0])]
-        return torch.tensor([TOKENIZER(text_for(task)).input_ids + [TOKENIZER.eos_token_id]])
+    def fake_generate(model, input_ids, max_new_tokens, attention_mask, **settings):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):  # the batch's prompts, left padding left out
+            task = by_prompt[TOKENIZER.decode(ids[mask.bool()])]
+            rows.append(TOKENIZER(text_for(task)).input_ids + [TOKENIZER.eos_token_id])
+        longest = max(len(row) for row in rows)
+        return torch.tensor([row + [TOKENIZER.eos_token_id] * (longest - len(row)) for row in rows])
 
     return fake_generate
 
@@ -40,6 +44,14 @@ def test_wrong_answers_score_zero_and_the_overall_is_the_mean(monkeypatch):
     accuracy = exact_match(tiny_model(), TOKENIZER, TASKS)
     assert accuracy["arithmetic"] == accuracy["reverse"] == 1.0 and accuracy["sort"] == 0.0
     assert accuracy["overall"] == sum(task["kind"] in right_kinds for task in TASKS) / len(TASKS)
+
+
+@pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
+def test_batched_greedy_answers_equal_one_prompt_at_a_time(name):
+    model = tiny_model(name)  # untrained: its answers are gibberish, but the same ones batched or not
+    batched = answers(model, TOKENIZER, TASKS[:6], max_new_tokens=12)
+    assert batched == [answer(model, TOKENIZER, task, max_new_tokens=12) for task in TASKS[:6]]
+    assert len({len(format_prompt(task)) for task in TASKS[:6]}) > 1  # the batch was padded
 
 
 def test_command_prints_a_table_per_kind(tmp_path, capsys):

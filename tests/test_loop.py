@@ -1,5 +1,6 @@
 """The training loop on tiny models: schedule, settings, run folder, determinism, resume after SIGKILL, bad input."""
 
+import copy
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from safetensors.torch import load_file
 from torch.testing import assert_close
 
 from data.collate import PadCollator
-from lora import inject_lora, load_adapter, lora_layers
+from lora import cast_frozen, inject_lora, load_adapter, lora_layers
 from models.loader import char_tokenizer, load_model, tiny_model
 from models.precision import Precision, choose_precision, cpu_supports_bf16
 from training import loop
@@ -263,6 +264,42 @@ def test_one_micro_batch_loss_is_the_models_own_loss():
         assert_close(torch.tensor(loss), model(**batch).loss, rtol=1e-6, atol=0)
 
 
+def test_bf16_base_step_equals_the_fp32_base_autocast_step_within_bf16_tolerance():
+    # The old way: an fp32 base, autocast casting each weight to bf16 at each matmul. The new:
+    # the frozen base held in bf16, A and B in fp32. The matmuls see the same bf16 weights; what
+    # differs is only where the activations between them are rounded.
+    fp32_base = tiny_model("tiny-llama")
+    inject_lora(fp32_base)
+    randomize_lora(fp32_base)
+    bf16_base = copy.deepcopy(fp32_base)
+    cast_frozen(bf16_base, torch.bfloat16)
+    batch = PadCollator(0)([instruction_like(40, 30, seed=0), instruction_like(25, 25, seed=1)])
+    bf16, off = Precision(torch.bfloat16), torch.amp.GradScaler("cpu", enabled=False)
+    losses = [loop.accumulate_gradients(model, [batch], bf16, off) for model in (fp32_base, bf16_base)]
+    assert_close(losses[1], losses[0], rtol=1.6e-2, atol=0)
+    grads_fp32, grads_bf16 = lora_gradients(fp32_base), lora_gradients(bf16_base)
+    assert {grad.dtype for grad in grads_bf16} == {torch.float32}  # the adapter and its gradients stay fp32
+    scale = max(grad.abs().max() for grad in grads_fp32)
+    for grad, reference in zip(grads_bf16, grads_fp32):
+        assert_close(grad, reference, rtol=1.6e-2, atol=1.6e-2 * scale)
+
+
+def test_run_in_bf16_holds_the_base_in_bf16_and_saves_an_fp32_adapter(tmp_path, monkeypatch):
+    held = {}
+    original = loop.load_model
+
+    def spy(name, dtype=torch.float32):
+        held["dtype"] = dtype
+        return original(name, dtype)
+
+    monkeypatch.setattr(loop, "load_model", spy)
+    argv = [arg if arg != "fp32" else "bf16" for arg in run_args(tmp_path, "--max-steps", "2")]
+    assert main(argv) == 0
+    assert held["dtype"] == torch.bfloat16
+    tensors = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    assert {tensor.dtype for tensor in tensors.values()} == {torch.float32}
+
+
 def test_gradient_checkpointing_keeps_lora_gradients(tiny):
     inject_lora(tiny)
     randomize_lora(tiny)
@@ -344,9 +381,9 @@ def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(tmp_path
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    def load_poisoned(name):
+    def load_poisoned(name, dtype=torch.float32):
         """The tiny model, whose third training forward returns NaN logits."""
-        model, tokenizer = load_model(name)
+        model, tokenizer = load_model(name, dtype)
         forward, calls = model.forward, []
 
         def poisoned(*args, **kwargs):

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from lora import (
     LoRALinear,
+    cast_frozen,
     count_parameters,
     inject_lora,
     load_adapter,
@@ -267,6 +268,23 @@ def test_qlora_training_moves_a_and_b_and_never_the_codes(tiny):
     for name, module in tiny.named_modules():
         if isinstance(module, NF4Linear):
             assert torch.equal(module.codes, codes[name.removesuffix(".base_layer")])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_cast_frozen_leaves_4bit_constants_unrounded_and_dequantizes_to_the_new_dtype(tiny, double_quant):
+    quantize_model(tiny.requires_grad_(False), double_quant=double_quant)
+    layers = [module for module in tiny.modules() if isinstance(module, NF4Linear)]
+    stored = [[tensor.clone() for tensor in layer.storage()] for layer in layers]
+    weights = [layer.dequantize(torch.float32) for layer in layers]
+    cast_frozen(tiny, torch.bfloat16)
+    for layer, tensors, weight in zip(layers, stored, weights):
+        for tensor, before in zip(layer.storage(), tensors):
+            assert tensor.dtype == before.dtype
+            assert_close(tensor, before, rtol=0, atol=0)
+        assert layer.dequantize().dtype == torch.bfloat16
+        assert_close(layer.dequantize(), weight.to(torch.bfloat16), rtol=0, atol=0)
+        assert layer.bias is None or layer.bias.dtype == torch.bfloat16
+    assert tiny.lm_head.weight.dtype == torch.bfloat16  # not quantized: cast
 
 
 def test_merging_into_a_4bit_base_warns_and_rounds_the_sum_to_nf4():

@@ -30,7 +30,7 @@ from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
 from eval.perplexity import label_tokens, summed_nll, summed_token_nll
-from lora import inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
+from lora import cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
 from lora.atomic import write_atomically
 from models.loader import load_model
 from models.precision import Precision, choose_precision
@@ -249,14 +249,16 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     random.seed(config.seed)
     torch.manual_seed(config.seed)
 
-    # 2. The pretrained model in fp32 (autocast computes in bf16/fp16; weights and optimizer stay fp32), the data.
+    # 2. The pretrained model, its frozen weights held in the compute dtype (bf16 where the device
+    #    computes it natively: no weight is cast again at each matmul), and the data. A 4-bit base
+    #    is loaded in fp32 first, so that its block constants are computed from the unrounded weights.
     strategy = "none" if not world.distributed else "ddp" if config.strategy == "auto" else config.strategy
     try:
         precision = choose_precision(config.precision, device)
         if strategy == "fsdp2" and precision.needs_loss_scaling:
             raise ValueError("--precision fp16 needs a gradient scaler, which this loop does not combine with "
                              "FSDP2's sharded gradients; use --precision bf16, or --strategy ddp")
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, precision.base_dtype if config.quantize == "none" else torch.float32)
         data = build_task(config, tokenizer)
     except (FileNotFoundError, ValueError) as error:
         raise BadInput(str(error)) from None
@@ -265,13 +267,16 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training recomputes everything
 
-    # 3. LoRA on the targets; everything else frozen (and, with --quantize nf4, held in 4 bits first).
+    # 3. LoRA on the targets, A and B in fp32 (AdamW's small steps would round away in bf16);
+    #    everything else frozen (and, with --quantize nf4, held in 4 bits first).
     if config.quantize == "nf4":
         quantize_model(model, double_quant=config.double_quant)
     try:
-        targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout)
+        targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                              adapter_dtype=torch.float32)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
+    cast_frozen(model, precision.base_dtype)  # a 4-bit base: what is not 4-bit; its fp32 constants stay as they are
     use_fused_lora(model, config.lora_path == "fused")
     if config.gradient_checkpointing:
         # Non-reentrant checkpointing recomputes activations without needing the input to

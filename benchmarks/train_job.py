@@ -1,0 +1,177 @@
+"""The default training job, three ways: this loop as it was, this loop as it is, and peft as a user would run it.
+
+The same short job (the default settings' model, data and batches; the first ``--steps``
+optimizer steps) runs three ways, a step of each in turn, so a slow minute on a shared machine
+slows them all alike:
+
+- before: the loop as it was until issue 14: the frozen base in fp32, cast to bf16 by autocast
+  at every matmul, and the loss from the whole batch's fp32 logits;
+- now: the loop as it is (``training/loop.py``): the frozen base held in bf16, A and B in fp32,
+  autocast on, the loss a chunk of tokens at a time (``eval/cross_entropy.py``);
+- peft (bf16): what a user would pick instead: Hugging Face peft on the model loaded in bf16 (the
+  usual choice), its default fp32 adapters (``autocast_adapter_dtype``), bf16 autocast, and a
+  minimal PyTorch loop (forward with ``labels``, backward, clip, AdamW).
+
+Each reports tokens per second and MFU: the matmul FLOPs of the steps (``eval/flops.py``) per
+second, over the rate of a bf16 2048 x 2048 matmul measured in the same run. Peak memory is
+measured for each alone, in a fresh process, over a few steps.
+
+    python -m benchmarks.train_job                  # the embedded model, 20 steps each
+    python -m benchmarks.train_job --no-memory      # without the three extra processes
+
+Where bf16 is not native (``models.precision.cpu_supports_bf16``), the job runs in fp32 and
+the comparison says little; it is meant for a machine that has it.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+
+import torch
+
+from benchmarks.lora_step import STATUS, resident_bytes, timed
+from data.collate import PadCollator
+from data.sequences import pad_token_id
+from data.tasks import build_task
+from eval.cross_entropy import CHUNK_TOKENS
+from eval.perplexity import label_tokens, summed_token_nll
+from lora import cast_frozen, inject_lora
+from models.loader import load_model, load_tokenizer
+from models.precision import Precision
+from training import loop
+from training.config import TrainConfig
+
+VARIANTS = ("before", "now", "peft (bf16)")
+BF16 = Precision(torch.bfloat16)
+
+
+def build(variant: str, config: TrainConfig):
+    """``(model, optimizer, step)`` for ``variant``: ``step(batch)`` runs one optimizer step on one micro-batch."""
+    torch.manual_seed(config.seed)
+    if variant == "peft (bf16)":
+        from peft import LoraConfig, get_peft_model
+
+        base, _ = load_model(config.model, torch.bfloat16)
+        base.config.use_cache = False
+        model = get_peft_model(base, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                                                target_modules=config.target_modules))
+    else:
+        model, _ = load_model(config.model, torch.float32 if variant == "before" else BF16.base_dtype)
+        model.config.use_cache = False
+        inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
+                    adapter_dtype=torch.float32)
+        cast_frozen(model, torch.float32 if variant == "before" else BF16.base_dtype)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+    def step(batch: dict) -> None:
+        if variant == "peft (bf16)":
+            with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16):
+                loss = model(**batch).loss  # transformers' own mean over the labelled tokens
+        else:
+            chunk_tokens = 0 if variant == "before" else CHUNK_TOKENS  # 0: the whole batch's logits, as before
+            loss = summed_token_nll(model, batch, BF16, chunk_tokens) / max(label_tokens(batch), 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return model, step
+
+
+def job_batches(config: TrainConfig, steps: int) -> list[dict]:
+    """The micro-batches of the default job's first ``steps`` optimizer steps (``grad_accum`` 1), collated."""
+    tokenizer = load_tokenizer(config.model)
+    data = build_task(config, tokenizer)
+    plan = loop.step_plan([len(example["input_ids"]) for example in data.train], config.batch_size, 1, config.seed)
+    collate = PadCollator(pad_token_id(tokenizer))
+    return [collate([data.train[i] for i in plan(step)[0][1]]) for step in range(steps)]
+
+
+def bf16_matmul_rate(size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a ``size`` x ``size`` bf16 matmul on this machine: the best of ``repeats`` after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(size, size, generator=generator).bfloat16() for _ in range(2))
+    a @ b
+    best = min(timed(lambda: a @ b, "cpu") for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def child_memory(variant: str, config: TrainConfig, steps: int) -> None:
+    """Load ``variant`` alone, run ``steps`` steps, print its peak resident memory as JSON."""
+    model, step = build(variant, config)
+    for batch in job_batches(config, steps):
+        step(batch)
+    print(json.dumps({"variant": variant, "peak_gb": resident_bytes("VmHWM") / 1e9}))
+
+
+def peak_memory(config: TrainConfig, steps: int) -> dict[str, float]:
+    """Peak memory in GB of each variant alone in a fresh process (NaN where /proc is missing)."""
+    if not STATUS.exists():
+        return {variant: float("nan") for variant in VARIANTS}
+    peaks = {}
+    for variant in VARIANTS:
+        command = [sys.executable, "-m", "benchmarks.train_job", "--child-memory", variant, "--model", config.model,
+                   "--memory-steps", str(steps)]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
+        peaks[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_gb"]
+    return peaks
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_job", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=TrainConfig.model, help="(%(default)s)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps of each variant (%(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps of each first (%(default)s)")
+    parser.add_argument("--memory-steps", type=int, default=3, help="steps of each alone for peak memory (%(default)s)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    parser.add_argument("--child-memory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    config = TrainConfig(model=args.model)
+    if args.child_memory:
+        child_memory(args.child_memory, config, args.memory_steps)
+        return 0
+
+    batches = job_batches(config, args.warmup + args.steps)
+    built = {variant: build(variant, config) for variant in VARIANTS}
+    count_flops = loop.flop_counter(built["now"][0], config.max_length)
+    rate = bf16_matmul_rate()
+    print(f"{config.model}, the default job's first {args.steps} steps ({config.batch_size} x up to "
+          f"{config.max_length} tokens, LoRA r={config.r} on {config.targets}) on {torch.get_num_threads()} CPU "
+          f"threads; bf16 2048 x 2048 matmul: {rate / 1e9:.0f} GFLOP/s; after {args.warmup} warm-up steps each, "
+          "a step of each variant in turn, each round starting with the next")
+    for batch in batches[: args.warmup]:
+        for _, step in built.values():
+            step(batch)
+    seconds = {variant: [] for variant in VARIANTS}
+    for i, batch in enumerate(batches[args.warmup :]):
+        order = VARIANTS[i % len(VARIANTS):] + VARIANTS[: i % len(VARIANTS)]
+        for variant in order:
+            seconds[variant].append(timed(lambda: built[variant][1](batch), "cpu"))
+    timed_batches = batches[args.warmup :]
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in timed_batches)
+    flops = sum(count_flops(batch) for batch in timed_batches)
+    del built
+    peaks = {} if args.no_memory else peak_memory(config, args.memory_steps)
+
+    throughput = {variant: tokens / sum(times) for variant, times in seconds.items()}
+    print("| variant | median s/step | tokens/s | / before | / peft (bf16) | MFU |" + (" peak GB |" if peaks else ""))
+    print("| --- | --- | --- | --- | --- | --- |" + (" --- |" if peaks else ""))
+    for variant, times in seconds.items():
+        mfu = flops / sum(times) / rate
+        print(f"| {variant} | {statistics.median(times):.3f} | {throughput[variant]:.0f} | "
+              f"{throughput[variant] / throughput['before']:.2f} | {throughput[variant] / throughput['peft (bf16)']:.2f} "
+              f"| {mfu:.0%} |" + (f" {peaks[variant]:.2f} |" if peaks else ""))
+    now, peft = throughput["now"], throughput["peft (bf16)"]
+    print(f"targets: tokens/s at least 1.2x peft's: {now / peft:.2f}x; at least 1.3x before: "
+          f"{now / throughput['before']:.2f}x; MFU at least 50%: {flops / sum(seconds['now']) / rate:.0%}"
+          + (f"; peak memory at most peft's: {peaks['now']:.2f} GB against {peaks['peft (bf16)']:.2f} GB"
+             if peaks else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
