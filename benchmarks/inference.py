@@ -8,10 +8,11 @@ matmuls and an add.
 
 Beside our decoding loop, transformers' ``model.generate`` decodes the same prompt from the same
 model in the same rounds: greedy, the same number of new tokens (``min_new_tokens`` keeps it
-from stopping at an EOS earlier), under the same autocast. Its tokens per second say what our
+from stopping at an EOS earlier), in the same dtype. Its tokens per second say what our
 loop, written for reading, costs against the library's.
 
     python -m benchmarks.inference                  # the embedded model, 4 x 256 prefill, 32 decoded tokens
+    python -m benchmarks.inference --precision bf16 # the model held in bf16, as the eval commands hold it
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch
 
 from benchmarks.lora_step import RANDOM_SHAPES, load_benchmark_model, paired_ratio, timed
 from eval.generate import generate
-from lora import inject_lora, lora_layers, merge_lora, parse_targets
+from lora import cast_frozen, inject_lora, lora_layers, merge_lora, parse_targets
 from models.loader import EMBEDDED
 
 VARIANTS = ("base", "un-merged", "merged")
@@ -55,13 +56,15 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens decoded (%(default)s)")
     parser.add_argument("--r", type=int, default=8, help="(%(default)s)")
     parser.add_argument("--targets", default="q_proj,v_proj", help="(%(default)s)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (%(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="bf16: the frozen base held in bf16, as the eval commands hold it (%(default)s)")
     parser.add_argument("--steps", type=int, default=12, help="timed rounds; the median is reported (%(default)s)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     base = load_benchmark_model(args.model)
     base.to(device).eval()
+    cast_frozen(base.requires_grad_(False), torch.bfloat16 if args.precision == "bf16" else torch.float32)
     adapted = copy.deepcopy(base)
     inject_lora(adapted, parse_targets(args.targets), r=args.r, alpha=2 * args.r)
     torch.manual_seed(0)
@@ -72,22 +75,19 @@ def main(argv=None) -> int:
 
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=generator).to(device)
-    bf16 = args.precision == "bf16"
 
     def prefill(model):
-        with torch.no_grad(), torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+        with torch.no_grad():
             model(input_ids=prompts)
 
     def decode(model):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            return generate(model, prompts[:1, :32], args.new_tokens)
+        return generate(model, prompts[:1, :32], args.new_tokens)
 
     def decode_with_transformers(model):
         prompt = prompts[:1, :32]
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                  pad_token_id=0)[:, prompt.shape[1]:]
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                              max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              pad_token_id=0)[:, prompt.shape[1]:]
 
     name = torch.cuda.get_device_name() if device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"{args.model} on {device} ({name}), {args.precision}; LoRA r={args.r} on {args.targets}; "

@@ -91,13 +91,13 @@ def job_batches(config: TrainConfig, steps: int) -> list[dict]:
     return [collate([data.train[i] for i in plan(step)[0][1]]) for step in range(steps)]
 
 
-def bf16_matmul_rate(size: int = 2048, repeats: int = 10) -> float:
-    """FLOP/s of a ``size`` x ``size`` bf16 matmul on this machine: the best of ``repeats`` after a warm-up."""
+def bf16_matmul_rate(m: int = 2048, k: int = 2048, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of an ``(m, k) @ (k, n)`` bf16 matmul on this machine: the best of ``repeats`` after a warm-up."""
     generator = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(size, size, generator=generator).bfloat16() for _ in range(2))
+    a, b = torch.randn(m, k, generator=generator).bfloat16(), torch.randn(k, n, generator=generator).bfloat16()
     a @ b
     best = min(timed(lambda: a @ b, "cpu") for _ in range(repeats))
-    return 2 * size**3 / best
+    return 2 * m * k * n / best
 
 
 def child_memory(variant: str, config: TrainConfig, steps: int) -> None:
@@ -139,6 +139,9 @@ def main(argv=None) -> int:
     built = {variant: build(variant, config) for variant in VARIANTS}
     count_flops = loop.flop_counter(built["now"][0], config.max_length)
     rate = bf16_matmul_rate()
+    model_config = built["now"][0].config  # the model's own widest product: a step's tokens through its MLP
+    tokens_per_step = config.batch_size * config.max_length
+    shape_rate = bf16_matmul_rate(tokens_per_step, model_config.hidden_size, model_config.intermediate_size)
     print(f"{config.model}, the default job's first {args.steps} steps ({config.batch_size} x up to "
           f"{config.max_length} tokens, LoRA r={config.r} on {config.targets}) on {torch.get_num_threads()} CPU "
           f"threads; bf16 2048 x 2048 matmul: {rate / 1e9:.0f} GFLOP/s; after {args.warmup} warm-up steps each, "
@@ -166,6 +169,9 @@ def main(argv=None) -> int:
               f"{throughput[variant] / throughput['before']:.2f} | {throughput[variant] / throughput['peft (bf16)']:.2f} "
               f"| {mfu:.0%} |" + (f" {peaks[variant]:.2f} |" if peaks else ""))
     now, peft = throughput["now"], throughput["peft (bf16)"]
+    print(f"the model's own MLP product ({tokens_per_step} x {model_config.hidden_size} @ {model_config.hidden_size} "
+          f"x {model_config.intermediate_size}, bf16) runs at {shape_rate / 1e9:.0f} GFLOP/s here, "
+          f"{shape_rate / rate:.0%} of the 2048 x 2048 product's: the ceiling of MFU for this model's shapes")
     print(f"targets: tokens/s at least 1.2x peft's: {now / peft:.2f}x; at least 1.3x before: "
           f"{now / throughput['before']:.2f}x; MFU at least 50%: {flops / sum(seconds['now']) / rate:.0%}"
           + (f"; peak memory at most peft's: {peaks['now']:.2f} GB against {peaks['peft (bf16)']:.2f} GB"

@@ -145,9 +145,39 @@ def sample_next_token(
     check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = top_p_filter(top_k_filter(apply_temperature(logits.float(), temperature), top_k), top_p)
+    logits = apply_temperature(logits.float(), temperature)
+    if top_k == 0 and top_p < 1.0:
+        sampled = sample_from_nucleus_candidates(logits, top_p, generator)
+        if sampled is not None:
+            return sampled
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+NUCLEUS_CANDIDATES = 64  # the most probable tokens a nucleus is looked for among first
+
+
+def sample_from_nucleus_candidates(logits: torch.Tensor, p: float, generator: torch.Generator | None = None,
+                                   candidates: int = NUCLEUS_CANDIDATES) -> torch.Tensor | None:
+    """Top-p sampling from ``logits (batch, vocab)`` among the ``candidates`` most probable tokens only; None
+    when some row's nucleus does not lie among them.
+
+    The same distribution as ``top_p_filter`` then ``multinomial`` over the whole vocabulary,
+    when every row's ``candidates`` most probable tokens already hold probability ``>= p``: then
+    the nucleus is among them, and the tokens outside it have probability 0 either way. It is
+    much cheaper: sorting and sampling 64 numbers a row instead of 49,152 (for SmolLM2, where
+    sorting the vocabulary took a third of a forecast's time). The random numbers drawn differ,
+    so a seed gives other (equally likely) tokens than the full path does.
+    """
+    probs = logits.softmax(dim=-1)
+    top_probs, top_ids = probs.topk(min(candidates, probs.shape[-1]), dim=-1)  # sorted, most probable first
+    cumulative = top_probs.cumsum(dim=-1)
+    if not (cumulative[:, -1] >= p).all():
+        return None
+    remove = (cumulative - top_probs) >= p  # the tokens before this one already reach p, as in top_p_filter
+    choice = torch.multinomial(top_probs.masked_fill(remove, 0.0), num_samples=1, generator=generator)
+    return top_ids.gather(-1, choice).squeeze(-1)
 
 
 # --- Checks --------------------------------------------------------------------------------------------------------

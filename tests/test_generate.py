@@ -24,6 +24,7 @@ from eval.generate import (
     generate,
     left_pad,
     main,
+    sample_from_nucleus_candidates,
     sample_next_token,
     top_k_filter,
     top_p_filter,
@@ -446,3 +447,21 @@ def test_generate_leaves_the_callers_train_or_eval_mode(tiny, training):
     tiny.train(training)
     generate(tiny, token_batch(tiny, batch=1, length=4), max_new_tokens=2)
     assert tiny.training is training and all(module.training is training for module in tiny.modules())
+
+
+def test_top_p_among_the_most_probable_candidates_samples_the_full_nucleus_distribution():
+    # A peaked distribution over 1,000 tokens, as a language model's next digit: the nucleus lies
+    # among the 64 candidates, and draws from it follow the full path's filtered probabilities.
+    logits = (random_logits(batch=1, vocab=1000, scale=1.0) + 12.0 * (torch.arange(1000) < 5)).repeat(40_000, 1)
+    ids = sample_from_nucleus_candidates(apply_temperature(logits, 0.7), 0.9, torch.Generator().manual_seed(0))
+    expected = top_p_filter(apply_temperature(logits[:1], 0.7), 0.9).softmax(-1)[0]
+    frequencies = torch.bincount(ids, minlength=1000) / len(ids)
+    assert_close(frequencies, expected, rtol=0, atol=0.01)  # four binomial standard errors at 40,000 draws
+
+
+def test_a_nucleus_wider_than_the_candidates_takes_the_full_path():
+    flat = random_logits(batch=4, vocab=1000, scale=0.1)  # nearly uniform: 0.9 of it needs ~900 tokens
+    assert sample_from_nucleus_candidates(flat, 0.9) is None
+    ids = sample_next_token(flat, temperature=1.0, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    allowed = top_p_filter(flat, 0.9) > -math.inf
+    assert allowed.gather(-1, ids[:, None]).all()
