@@ -83,6 +83,21 @@ def resident_bytes(field: str) -> float:
     return int(next(line for line in STATUS.read_text().splitlines() if line.startswith(field)).split()[1]) * 1024
 
 
+def peak_memory_gb(device: str) -> float:
+    """This process's peak memory so far, GB: max allocated on CUDA, else the peak resident set."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    if STATUS.exists():  # Linux: VmHWM, as getrusage's maxrss survives exec (the parent's)
+        return resident_bytes("VmHWM") / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9  # macOS: maxrss in bytes
+
+
+def in_fresh_process(command: list[str]) -> dict:
+    """Run ``command`` (a ``--child-memory`` run of a benchmark) in a fresh process; the JSON its last line prints."""
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def timed(function, device: str) -> float:
     """Wall-clock seconds of ``function()``, waiting for the GPU's queued work on both sides."""
     if device == "cuda":
@@ -146,8 +161,7 @@ def peak_memory(args, device: str) -> dict[str, float]:
         command = [sys.executable, "-m", "benchmarks.lora_step", "--child-memory", variant, "--model", args.model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r),
                    "--dropout", str(args.dropout), "--precision", args.precision, "--targets", ",".join(args.targets)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        peaks[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_gb"]
+        peaks[variant] = in_fresh_process(command)["peak_gb"]
     return peaks
 
 
@@ -158,13 +172,7 @@ def child_memory(args, device: str) -> None:
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device=device)
     for _ in range(3):
         train_step(model, optimizer, args.child_memory, ids, args.precision == "bf16")
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 1e9
-    elif STATUS.exists():  # Linux: VmHWM, as getrusage's maxrss survives exec (the parent's)
-        peak = resident_bytes("VmHWM") / 1e9
-    else:  # macOS: getrusage reports maxrss in bytes
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e9
-    print(json.dumps({"variant": args.child_memory, "peak_gb": peak}))
+    print(json.dumps({"variant": args.child_memory, "peak_gb": peak_memory_gb(device)}))
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,6 @@ import copy
 import gc
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from benchmarks.lora_step import (
     RANDOM_SHAPES,
     STATUS,
+    in_fresh_process,
     load_benchmark_model,
     paired_ratio,
     resident_bytes,
@@ -125,8 +125,7 @@ def main(argv=None) -> int:
         command = [sys.executable, "-m", "benchmarks.qlora", "--child-memory", base, "--model", args.model,
                    "--batch", str(args.batch), "--seq", str(args.seq), "--r", str(args.r),
                    "--targets", ",".join(args.targets)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        memory[base] = json.loads(result.stdout.strip().splitlines()[-1])
+        memory[base] = in_fresh_process(command)
 
     loaded = load_benchmark_model(args.model)
     models = {base: build(loaded, base, args.r, args.targets, device) for base in args.bases}

@@ -29,19 +29,18 @@ then runs in fp32, would do there.
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
 
-from benchmarks.lora_step import STATUS, resident_bytes, timed
+from benchmarks.lora_step import in_fresh_process, peak_memory_gb, timed
 from data.collate import PadCollator
 from data.sequences import pad_token_id
 from data.tasks import build_task
 from eval.cross_entropy import CHUNK_TOKENS
 from eval.perplexity import label_tokens, summed_token_nll
-from lora import cast_frozen, inject_lora
+from lora import inject_lora
 from models.loader import load_model, load_tokenizer
 from models.precision import Precision
 from training import loop
@@ -70,7 +69,6 @@ def build(variant: str, config: TrainConfig):
         model.config.use_cache = False
         inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
                     adapter_dtype=torch.float32)
-        cast_frozen(model, base_dtype)
         if variant == "now-eager-attention":
             model.set_attn_implementation("eager")
     model.train()
@@ -126,20 +124,14 @@ def child_memory(variant: str, config: TrainConfig, steps: int) -> None:
     model, step = build(variant, config)
     for batch in job_batches(config, steps):
         step(batch)
-    print(json.dumps({"variant": variant, "peak_gb": resident_bytes("VmHWM") / 1e9}))
+    print(json.dumps({"variant": variant, "peak_gb": peak_memory_gb("cpu")}))
 
 
 def peak_memory(config: TrainConfig, steps: int, variants: tuple[str, ...]) -> dict[str, float]:
-    """Peak memory in GB of each variant alone in a fresh process (NaN where /proc is missing)."""
-    if not STATUS.exists():
-        return {variant: float("nan") for variant in variants}
-    peaks = {}
-    for variant in variants:
-        command = [sys.executable, "-m", "benchmarks.train_job", "--child-memory", variant, "--model", config.model,
-                   "--memory-steps", str(steps)]
-        result = subprocess.run(command, capture_output=True, text=True, check=True)
-        peaks[variant] = json.loads(result.stdout.strip().splitlines()[-1])["peak_gb"]
-    return peaks
+    """Peak memory in GB of each variant alone in a fresh process."""
+    return {variant: in_fresh_process([sys.executable, "-m", "benchmarks.train_job", "--child-memory", variant,
+                                       "--model", config.model, "--memory-steps", str(steps)])["peak_gb"]
+            for variant in variants}
 
 
 def main(argv=None) -> int:

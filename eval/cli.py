@@ -40,3 +40,8 @@ def load_model_and_adapter(args: argparse.Namespace):
     if args.adapter:
         load_adapter(model, args.adapter)
     return model.to(device), tokenizer
+
+
+def held_dtype(model) -> str:
+    """The dtype ``model`` is held in, as ``--precision`` resolved: ``bfloat16``, ``float32``."""
+    return str(next(model.parameters()).dtype).removeprefix("torch.")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from data.llmtime import decode, encode, fit_scaler
 from data.sequences import pad_token_id
 from data.tasks import task_split
-from eval.cli import add_model_arguments, load_model_and_adapter
+from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
 from eval.generate import generate, left_pad
 from lora import disable_lora
 
@@ -259,8 +259,7 @@ def main(argv=None) -> int:
                                                bool(args.adapter), args.samples, temperature, args.top_p, args.seed,
                                                zero_shot=not args.no_zero_shot, batch_systems=args.batch_systems)
     table = markdown_table(results, len(scored))
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # --precision as it was resolved
-    settings = (f"{args.model} ({dtype}), context {args.context}, horizon {args.horizon}, "
+    settings = (f"{args.model} ({held_dtype(model)}), context {args.context}, horizon {args.horizon}, "
                 + ("greedy" if args.greedy else f"median of {args.samples} samples (T={args.temperature}, "
                                                 f"top-p={args.top_p})"))
     print(settings)

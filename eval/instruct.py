@@ -20,7 +20,7 @@ from tqdm import tqdm
 from data.sequences import pad_token_id
 from data.tasks import task_split
 from data.template import format_prompt
-from eval.cli import add_model_arguments, load_model_and_adapter
+from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
 from eval.generate import generate, left_pad
 from lora import disable_lora
 
@@ -88,8 +88,7 @@ def main(argv=None) -> int:
                                             batch_size=args.batch_size)
     counts = Counter(example.get("kind", "all") for example in test)
     counts["overall"] = len(test)
-    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")  # --precision as it was resolved
-    print(f"exact match on {len(test)} held-out tasks ({dtype})")
+    print(f"exact match on {len(test)} held-out tasks ({held_dtype(model)})")
     print("| kind | tasks | " + " | ".join(results) + " |")
     print("| --- | --- |" + " --- |" * len(results))
     for kind in next(iter(results.values())):
