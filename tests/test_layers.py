@@ -1,4 +1,4 @@
-"""The packages import one way, lora -> data | models -> eval -> training -> benchmarks, as
+"""The packages import one way, lora -> data | models -> eval -> training -> benchmarks | experiments, as
 setup.cfg's import-linter contract says; a wrong-way import fails the suite with its name."""
 
 import os
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parent.parent
-PACKAGES = ("lora", "data", "models", "eval", "training", "benchmarks")
+PACKAGES = ("lora", "data", "models", "eval", "training", "benchmarks", "experiments")
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
