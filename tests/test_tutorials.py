@@ -5,7 +5,7 @@ Run as a script, it runs one chapter in a temporary folder, says how long each b
 copies the pictures the chapter drew (its ``figures/``) to ``--figures``: that is how the
 pictures committed under ``tutorials/figures/`` were made.
 
-    python tests/test_tutorials.py tutorials/06_a_real_model_learns.md --figures tutorials/figures
+    python tests/test_tutorials.py tutorials/07_a_real_model_learns.md --figures tutorials/figures
 """
 
 import argparse
@@ -28,10 +28,10 @@ FOLDER = Path(__file__).parent.parent / "tutorials"
 # Chapters 00, 01, ... in reading order, then the appendices A_, B_, ...
 TUTORIALS = sorted(FOLDER.glob("[0-9][0-9]_*.md")) + sorted(FOLDER.glob("[A-Z]_*.md"))
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
-SLOW = {"02_targets_and_injection.md", "03_data.md", "06_a_real_model_learns.md", "07_rank_and_alpha.md",
-        "08_is_delta_w_low_rank.md"}
+SLOW = {"03_targets_and_injection.md", "04_data.md", "07_a_real_model_learns.md", "08_rank_and_alpha.md",
+        "09_is_delta_w_low_rank.md"}
 # Chapters that launch torchrun run with the distributed tests.
-DISTRIBUTED = {"10_distributed.md"}
+DISTRIBUTED = {"11_distributed.md"}
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
