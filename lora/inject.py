@@ -106,7 +106,7 @@ def inject_lora(
         r, alpha, dropout: passed to every ``LoRALinear``.
         adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
             bf16 base passes float32: the small updates AdamW makes to A and B would round away
-            in bf16, whose spacing around 1 is 2^-8.
+            in bf16, whose spacing just above 1 is 2^-7 (torch.finfo(torch.bfloat16).eps).
 
     Returns:
         The full names of the replaced modules, in model order.
