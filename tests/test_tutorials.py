@@ -55,6 +55,26 @@ def test_chapter_0_lists_every_chapter_in_order_by_its_title():
         assert heading.startswith(title), f"{name}: linked as {title!r}, titled {heading!r}"
 
 
+
+# Every chapter but the first (what you will build) and the last numbered one (the closing page) ends
+# with exercises; so does every appendix.
+NUMBERED = [path for path in TUTORIALS if path.name[0].isdigit()]
+TEACHING = [path for path in TUTORIALS if path not in (NUMBERED[0], NUMBERED[-1])]
+
+
+@pytest.mark.parametrize("path", TEACHING, ids=lambda path: path.stem)
+def test_chapter_ends_with_two_or_three_exercises_whose_folded_solutions_assert(path):
+    """A "## Try it" section, each exercise's solution a python block inside <details> that asserts something."""
+    text = path.read_text()
+    assert "\n## Try it\n" in text, f"{path.name}: no '## Try it' section"
+    exercises = text.split("\n## Try it\n", 1)[1]
+    folded = re.findall(r"^<details>\n<summary>Solution</summary>\n(.*?)^</details>$", exercises, re.MULTILINE | re.DOTALL)
+    assert 2 <= len(folded) <= 3, f"{path.name}: {len(folded)} folded solutions"
+    assert len(folded) == exercises.count("<details>"), f"{path.name}: a <details> without <summary>Solution</summary>"
+    for solution in folded:
+        code = "".join(code for kind, code, _ in blocks(solution) if kind == "python")
+        assert re.search(r"\bassert\b|assert_close\(", code), f"{path.name}: a solution that asserts nothing"
+
 @pytest.mark.parametrize(
     "path",
     [pytest.param(p, marks=[pytest.mark.slow] * (p.name in SLOW) + [pytest.mark.distributed] * (p.name in DISTRIBUTED),
