@@ -5,7 +5,7 @@ An adapter folder holds two files and nothing of the base model:
 - ``adapter_model.safetensors``: every A and B, under the key
   ``base_model.model.<module path>.lora_A.weight`` (and ``.lora_B.weight``);
 - ``adapter_config.json``: ``peft_type``, ``task_type``, ``r``, ``lora_alpha``,
-  ``lora_dropout``, ``target_modules``, ``bias`` and ``base_model_name_or_path``.
+  ``lora_dropout``, ``use_rslora``, ``target_modules``, ``bias`` and ``base_model_name_or_path``.
 
 safetensors stores raw tensors, so loading an adapter never unpickles (never runs) anything.
 """
@@ -31,7 +31,6 @@ KEY_PREFIX = "base_model.model."
 # peft config fields that change what the weights mean, and the values that mean plain LoRA.
 PLAIN_LORA = {
     "use_dora": (False, None),
-    "use_rslora": (False, None),
     "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
@@ -63,14 +62,15 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     select exactly the adapted layers, else as the full module names.
 
     Raises:
-        ValueError: ``model`` has no LoRA layers, or its layers disagree on r, alpha or
-            dropout (peft's config holds one value of each).
+        ValueError: ``model`` has no LoRA layers, or its layers disagree on r, alpha, dropout or
+            use_rslora (peft's config holds one value of each).
     """
     layers = dict(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call inject_lora(model) first")
     settings = {}
-    for field, attribute in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout")):
+    for field, attribute in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
+                             ("use_rslora", "use_rslora")):
         values = sorted({getattr(layer, attribute) for layer in layers.values()})
         if len(values) > 1:
             raise ValueError(f"LoRA layers have different {field} values {values}; one adapter file holds one")
@@ -150,6 +150,8 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: {error}") from None
     if not isinstance(config["target_modules"], (str, list)):
         raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
+    if config.get("use_rslora") not in (True, False, None):
+        raise ValueError(f"{path}: use_rslora is {config['use_rslora']!r}; it must be true or false")
     for field, plain in PLAIN_LORA.items():
         if config.get(field) not in plain:
             raise ValueError(
@@ -186,14 +188,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
 
     r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
+    use_rslora = bool(config.get("use_rslora"))
     existing = dict(lora_layers(model))
     if existing:
         for name, layer in existing.items():
-            if layer.alpha != alpha:
-                raise ValueError(
-                    f"{config_path}: lora_alpha is {alpha} but {name} has alpha {layer.alpha}; "
-                    "load into a model without LoRA to take the adapter's settings"
-                )
+            for field, attribute, wanted in (("lora_alpha", "alpha", alpha), ("use_rslora", "use_rslora", use_rslora)):
+                if getattr(layer, attribute) != wanted:
+                    raise ValueError(
+                        f"{config_path}: {field} is {wanted} but {name} has {attribute} {getattr(layer, attribute)}; "
+                        "load into a model without LoRA to take the adapter's settings"
+                    )
         expected = adapter_state_dict(model)
         shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
     else:
@@ -216,7 +220,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             )
 
     if not existing:
-        inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout)
+        inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, layer in layers.items():

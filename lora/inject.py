@@ -94,6 +94,7 @@ def inject_lora(
     alpha: float = 16,
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
+    use_rslora: bool = False,
 ) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or 4-bit ``NF4Linear``) of ``model`` with a ``LoRALinear``, in place.
 
@@ -103,7 +104,8 @@ def inject_lora(
         model: any ``nn.Module``, usually a transformers causal LM.
         target_modules: which layers to adapt, matched as peft does (see ``matches_target``).
             The default, the query and value projections, is the LoRA paper's choice (§7.1).
-        r, alpha, dropout: passed to every ``LoRALinear``.
+        r, alpha, dropout, use_rslora: passed to every ``LoRALinear`` (``use_rslora``: scale by
+            alpha / sqrt(r) rather than alpha / r).
         adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
             bf16 base passes float32: the small updates AdamW makes to A and B would round away
             in bf16, whose spacing just above 1 is 2^-7 (torch.finfo(torch.bfloat16).eps).
@@ -120,7 +122,8 @@ def inject_lora(
     check_hyperparameters(r, alpha, dropout)
     targets = find_targets(model, target_modules)
     for name in targets:
-        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype)
+        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype,
+                           use_rslora=use_rslora)
         model.set_submodule(name, layer, strict=True)
     mark_only_lora_trainable(model)
     return targets

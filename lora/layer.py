@@ -37,6 +37,11 @@ def _is_number(value, types) -> bool:
     return isinstance(value, types) and not isinstance(value, bool)
 
 
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The factor on B @ A: ``alpha / r`` (the LoRA paper), or ``alpha / sqrt(r)`` (rsLoRA), as peft computes it."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * B(A(dropout(x)))``.
 
@@ -70,6 +75,10 @@ class LoRALinear(nn.Module):
             vary r" (§4.1). (``alpha = 2 * r`` for every r instead fixes the scaling at 2.)
         dropout: dropout on the input of the low-rank path only; the base path sees x as is.
         dtype: the dtype of A and B; None (the default) takes the base weight's.
+        use_rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilized LoRA, Kalajdzievski,
+            2023; peft's ``use_rslora``). With ``alpha / r`` the update of a larger r starts
+            smaller and learns more slowly; ``alpha / sqrt(r)`` keeps its size steady as r
+            grows (§3 of that paper), so a larger r can use what it adds.
 
     Raises:
         TypeError: ``base`` is neither an ``nn.Linear`` nor an ``NF4Linear``.
@@ -77,7 +86,7 @@ class LoRALinear(nn.Module):
     """
 
     def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, use_rslora: bool = False):
         super().__init__()
         if not isinstance(base, (nn.Linear, NF4Linear)):
             raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
@@ -87,7 +96,8 @@ class LoRALinear(nn.Module):
         self.r = int(r)
         self.alpha = int(alpha) if isinstance(alpha, numbers.Integral) else float(alpha)
         self.dropout = float(dropout)
-        self.scaling = self.alpha / self.r
+        self.use_rslora = bool(use_rslora)
+        self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
         weight = self._frozen_weight()
         dtype = dtype or weight.dtype
         self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=weight.device, dtype=dtype)
@@ -195,4 +205,5 @@ class LoRALinear(nn.Module):
             self.merged = False
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+        rslora = ", use_rslora=True" if self.use_rslora else ""
+        return f"r={self.r}, alpha={self.alpha}{rslora}, scaling={self.scaling:g}, merged={self.merged}"

@@ -458,3 +458,12 @@ def test_metrics_log_cumulative_training_flops(tmp_path):
     inject_lora(model)
     per_step = 4 * flops_of_model(model, 64).total  # batch 4 windows of 64 tokens each step
     assert metrics(tmp_path / "run", "flops") == {1: per_step, 2: 2 * per_step, 3: 3 * per_step}
+
+
+def test_use_rslora_trains_with_alpha_over_sqrt_r_and_its_adapter_says_so(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--r", "4", "--use-rslora")) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_rslora"] is True
+    model = tiny_model("tiny-llama")
+    load_adapter(model, adapter)
+    assert {layer.scaling for _, layer in lora_layers(model)} == {16.0 / 2}  # alpha 16 / sqrt(4)

@@ -42,6 +42,8 @@ class TrainConfig:
     alpha: float = option(16.0, "scaling is alpha / r; the LoRA paper keeps alpha fixed while it varies r, which "
                           "reduces the need to retune (§4.1); with Adam, tuning alpha is roughly tuning lr")
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
+    use_rslora: bool = option(False, "scale by alpha / sqrt(r) instead of alpha / r (rsLoRA): a larger r then "
+                              "starts with updates as large as a small r's, and can use its extra rank")
     lora_path: str = option("plain", "plain: the LoRA layer's one-line formula, peft's ops op for op; fused: the "
                             "same math with a hand-written backward (lora/fused.py), a few percent faster a step")
     quantize: str = option("none", "nf4: hold the frozen base in 4 bits (QLoRA, lora/nf4.py), every Linear but "

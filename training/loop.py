@@ -273,7 +273,7 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         quantize_model(model, double_quant=config.double_quant)
     try:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                              adapter_dtype=torch.float32)
+                              adapter_dtype=torch.float32, use_rslora=config.use_rslora)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
     cast_frozen(model, precision.base_dtype)  # a 4-bit base: what is not 4-bit; its fp32 constants stay as they are
@@ -305,7 +305,8 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     # 5. The run folder and the state to start from (step 0, or the resumed checkpoint's).
     run, state = open_run(config, resume, model, optimizer, scaler, world)
     metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
-    say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha} "
+    rslora = " (rsLoRA: scaling alpha / sqrt(r))" if config.use_rslora else ""
+    say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha}{rslora} "
         f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
     say(parameters_line)
     say(data.description)
