@@ -1,0 +1,194 @@
+"""PiSSA (Meng et al., 2024): A and B start as W's principal part, the base keeps the residual.
+
+Against Hugging Face peft's ``init_lora_weights="pissa"`` and its conversion to plain LoRA
+(``save_pretrained(..., path_initial_model_for_weight_conversion=...)``): the same SVD and the
+same operations in the same order, so A, B, the residual and the converted adapter are equal
+bit for bit (rtol=0, atol=0).
+
+Where a PiSSA model is compared with the unmodified base, exactness is impossible: W_res + s B A
+equals W only up to float32 rounding (here at most ~4e-9 per weight, one ulp at these weights'
+size), which grows through the layers to at most ~3e-7 in logits of size ~1. Those comparisons
+use ROUNDOFF, a bound of 1e-6.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import token_batch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+from torch.testing import assert_close
+
+from lora import NF4Linear, adapter_config, adapter_state_dict, inject_lora, load_adapter, lora_layers
+from lora.adapter import adapter_key
+from lora.layer import LoRALinear
+from lora.pissa import pissa_factors, pissa_init_, pissa_init_model_, pissa_to_lora, pissa_to_lora_config
+
+EXACT = dict(rtol=0, atol=0)
+ROUNDOFF = dict(rtol=0, atol=1e-6)  # float32 SVD round-off: W_res + s B A = W only to ~1 ulp (module docstring)
+TARGETS = ("q_proj", "v_proj")
+R, ALPHA = 4, 8
+
+
+def pissa_model(base, use_rslora=False):
+    """A copy of ``base`` with LoRA on q_proj, v_proj (r=4, alpha=8) initialized by PiSSA."""
+    model = copy.deepcopy(base)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA, use_rslora=use_rslora)
+    pissa_init_model_(model)
+    return model
+
+
+def peft_pissa_model(base, use_rslora=False):
+    config = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(TARGETS), init_lora_weights="pissa",
+                        use_rslora=use_rslora)
+    return get_peft_model(copy.deepcopy(base), config)
+
+
+def train(model, steps=3):
+    """A few AdamW steps on seeded batches, so A and B move away from their PiSSA start."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(steps):
+        ids = token_batch(model, seed=step)
+        optimizer.zero_grad()
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+    return model
+
+
+def lora_model_with(base, tensors, r, alpha, use_rslora=False):
+    """A copy of the unmodified ``base`` with plain LoRA of rank ``r`` holding ``tensors`` (peft's keys)."""
+    model = copy.deepcopy(base)
+    inject_lora(model, TARGETS, r=r, alpha=alpha, use_rslora=use_rslora)
+    with torch.no_grad():
+        for name, layer in lora_layers(model):
+            layer.lora_A.weight.copy_(tensors[adapter_key(name, "lora_A")])
+            layer.lora_B.weight.copy_(tensors[adapter_key(name, "lora_B")])
+    return model
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(ids).logits
+
+
+def test_output_at_initialization_equals_the_base_models(tiny):
+    ids = token_batch(tiny)
+    model = pissa_model(tiny)
+    assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in lora_layers(model))  # B is not zero, unlike LoRA
+    assert_close(logits(model, ids), logits(tiny, ids), **ROUNDOFF)
+
+
+def test_a_b_and_residual_weight_equal_peft_pissa(tiny):
+    ours, theirs = pissa_model(tiny), peft_pissa_model(tiny)
+    inner = theirs.base_model.model
+    for name, layer in lora_layers(ours):
+        peft_layer = inner.get_submodule(name)
+        assert_close(layer.lora_A.weight, peft_layer.lora_A["default"].weight, **EXACT)
+        assert_close(layer.lora_B.weight, peft_layer.lora_B["default"].weight, **EXACT)
+        assert_close(layer.base_layer.weight, peft_layer.base_layer.weight, **EXACT)
+        if layer.base_layer.bias is not None:  # Qwen2's q and v projections: the bias is not PiSSA's to change
+            assert_close(layer.base_layer.bias, tiny.get_submodule(name).bias, **EXACT)
+
+
+def test_adapter_takes_the_top_r_singular_values_and_the_residual_the_rest():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 32)
+    S = torch.linalg.svdvals(linear.weight.detach())
+    layer = pissa_init_(LoRALinear(linear, r=R, alpha=ALPHA))
+    # Singular values are at most ~0.6 here; float32 SVD round-off on them is ~1e-7.
+    assert_close(torch.linalg.svdvals(layer.delta_weight())[:R], S[:R], rtol=0, atol=1e-6)
+    assert_close(torch.linalg.svdvals(layer.base_layer.weight)[:-R], S[R:], rtol=0, atol=1e-6)
+    # sqrt(S_r / s) on each side: A's rows and B's columns start equally long.
+    assert_close(layer.lora_A.weight.norm(dim=1), layer.lora_B.weight.norm(dim=0), rtol=0, atol=1e-6)
+
+
+def test_converted_adapter_on_the_unmodified_base_gives_the_pissa_models_logits(tiny):
+    model = pissa_model(tiny)
+    initial = {key: tensor.clone() for key, tensor in adapter_state_dict(model).items()}
+    trained = adapter_state_dict(train(model))
+    assert all(not torch.equal(trained[key], initial[key]) for key in initial)
+    converted = pissa_to_lora(initial, trained)
+    plain = lora_model_with(tiny, converted, r=2 * R, alpha=2 * ALPHA)
+    ids = token_batch(tiny, seed=9)
+    assert_close(logits(plain, ids), logits(model, ids), **ROUNDOFF)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
+def test_conversion_equals_peft_save_pretrained_and_loads_in_peft(tiny, tmp_path, use_rslora):
+    ours, theirs = pissa_model(tiny, use_rslora), peft_pissa_model(tiny, use_rslora)
+    theirs.save_pretrained(tmp_path / "initial")  # peft's recipe: save the adapter once, before training
+    initial = {key: tensor.clone() for key, tensor in adapter_state_dict(ours).items()}
+    trained = adapter_state_dict(train(ours))
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            peft_layer = theirs.base_model.model.get_submodule(name)
+            peft_layer.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            peft_layer.lora_B["default"].weight.copy_(layer.lora_B.weight)
+    theirs.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
+
+    converted = pissa_to_lora(initial, trained)
+    written = load_file(tmp_path / "converted" / "adapter_model.safetensors")
+    assert written.keys() == converted.keys()
+    for key in converted:
+        assert_close(converted[key], written[key], **EXACT)
+
+    config = pissa_to_lora_config(adapter_config(ours))
+    peft_config = json.loads((tmp_path / "converted" / "adapter_config.json").read_text())
+    for field in ("r", "lora_alpha", "use_rslora", "init_lora_weights"):
+        assert config[field] == peft_config[field], field
+    assert sorted(config["target_modules"]) == sorted(peft_config["target_modules"])
+
+    ids = token_batch(tiny, seed=9)
+    plain = lora_model_with(tiny, converted, config["r"], config["lora_alpha"], use_rslora)
+    loaded_in_peft = PeftModel.from_pretrained(copy.deepcopy(tiny), tmp_path / "converted")
+    assert_close(logits(loaded_in_peft, ids), logits(plain, ids), **EXACT)
+    loaded_here = copy.deepcopy(tiny)
+    load_adapter(loaded_here, tmp_path / "converted")
+    assert_close(logits(loaded_here, ids), logits(plain, ids), **EXACT)
+    assert_close(logits(plain, ids), logits(ours, ids), **ROUNDOFF)
+
+
+def test_converted_config_doubles_r_and_alpha_so_the_scaling_stays():
+    config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}, "alpha_pattern": {"q_proj": 3}}
+    converted = pissa_to_lora_config(config)
+    assert converted == {"r": 8, "lora_alpha": 16, "rank_pattern": {"q_proj": 4}, "alpha_pattern": {"q_proj": 6},
+                         "init_lora_weights": True}
+    assert config["r"] == 4  # a new dict; the one given is left as it was
+    assert pissa_to_lora_config({"r": 4, "lora_alpha": 8, "use_rslora": True})["lora_alpha"] == 8 * 2**0.5
+    with pytest.raises(ValueError, match="use_rslora and a rank_pattern"):
+        pissa_to_lora_config({**config, "use_rslora": True})
+
+
+def test_a_4bit_base_is_refused():
+    layer = LoRALinear(NF4Linear(nn.Linear(64, 64)), r=R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="NF4Linear; initialize PiSSA before quantizing"):
+        pissa_init_(layer)
+
+
+def test_a_merged_layer_is_refused_before_any_layer_changes(tiny):
+    model = copy.deepcopy(tiny)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA)
+    before = {name: layer.base_layer.weight.clone() for name, layer in lora_layers(model)}
+    last_name, last = list(lora_layers(model))[-1]
+    last.merge()
+    with pytest.raises(ValueError, match=f"{last_name}: .* merged .*unmerge"):
+        pissa_init_model_(model)
+    for name, layer in list(lora_layers(model))[:-1]:
+        assert_close(layer.base_layer.weight, before[name], **EXACT)
+
+
+def test_r_larger_than_the_number_of_singular_values_is_refused():
+    with pytest.raises(ValueError, match=r"r=4 is larger than min\(out, in\)=3"):
+        pissa_factors(torch.randn(3, 5), r=4, scaling=1.0)
+
+
+def test_conversion_refuses_adapters_of_different_layers_or_ranks():
+    A, B = "base_model.model.q.lora_A.weight", "base_model.model.q.lora_B.weight"
+    initial = {A: torch.zeros(2, 5), B: torch.zeros(3, 2)}
+    with pytest.raises(ValueError, match="only in the initial adapter"):
+        pissa_to_lora(initial, {A: torch.zeros(2, 5)})
+    with pytest.raises(ValueError, match="same r"):
+        pissa_to_lora(initial, {A: torch.zeros(4, 5), B: torch.zeros(3, 4)})
