@@ -22,6 +22,7 @@ from torch import nn
 from lora.atomic import replace_folder_atomically
 from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
 from lora.layer import check_hyperparameters
+from lora.pissa import pissa_to_lora, pissa_to_lora_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -39,6 +40,10 @@ PLAIN_LORA = {
     "layers_to_transform": (None, []),
     "exclude_modules": (None, []),
 }
+# peft's init_lora_weights values that only say how A and B started (the file holds what they are
+# now), and "pissa", which also changed W (the SVD is taken again when loading). Others, such as
+# "olora", "loftq" or "pissa_niter_16", changed W in ways this library does not redo.
+LOADABLE_INITS = (True, False, None, "gaussian", "orthogonal", "eva", "pissa")
 
 
 def adapter_key(module_name: str, matrix: str) -> str:
@@ -70,8 +75,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         raise ValueError("the model has no LoRA layers to save; call inject_lora(model) first")
     settings = {}
     for field, attribute in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
-                             ("use_rslora", "use_rslora")):
-        values = sorted({getattr(layer, attribute) for layer in layers.values()})
+                             ("use_rslora", "use_rslora"), ("init_lora_weights", "init_lora_weights")):
+        values = sorted({getattr(layer, attribute) for layer in layers.values()}, key=str)
         if len(values) > 1:
             raise ValueError(f"LoRA layers have different {field} values {values}; one adapter file holds one")
         settings[field] = values[0]
@@ -94,7 +99,8 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
-                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+                 tensors: dict[str, torch.Tensor] | None = None,
+                 initial: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the LoRA weights and config of ``model`` to ``folder`` (created if needed); return the folder.
 
     The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``. The two
@@ -106,6 +112,11 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         tensors: the weights to write, under peft's keys, when ``model`` does not hold them
             whole (FSDP2 shards each A and B over the processes; ``training/distributed.py``
             gathers them); default ``adapter_state_dict(model)``.
+        initial: for a PiSSA model, its A and B as ``inject_lora(init="pissa")`` set them (peft's
+            keys). The adapter is then written for the ORIGINAL base, as a plain rank-2r LoRA
+            adapter (``lora/pissa.py``: ``pissa_to_lora``), which loads anywhere LoRA does.
+            Without it a PiSSA adapter is written as it is, ``init_lora_weights: "pissa"``, and
+            loading redoes the SVD on the original base.
 
     Raises:
         ValueError: ``model`` has no LoRA layers (see ``adapter_config``), or ``folder`` holds
@@ -115,6 +126,10 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
     folder = Path(folder)
     config = adapter_config(model, base_model_name_or_path)
     tensors = adapter_state_dict(model) if tensors is None else tensors
+    if initial is not None:
+        if config["init_lora_weights"] != "pissa":
+            raise ValueError("initial is for converting a PiSSA adapter; this model's LoRA started as plain LoRA")
+        tensors, config = pissa_to_lora(initial, tensors), pissa_to_lora_config(config)
     tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
     if folder.is_dir():
         others = sorted(path.name for path in folder.iterdir() if path.name not in (WEIGHTS_NAME, CONFIG_NAME))
@@ -152,6 +167,9 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
     if config.get("use_rslora") not in (True, False, None):
         raise ValueError(f"{path}: use_rslora is {config['use_rslora']!r}; it must be true or false")
+    if config.get("init_lora_weights") not in LOADABLE_INITS:
+        raise ValueError(f"{path}: init_lora_weights is {config['init_lora_weights']!r}, which changed the base "
+                         f"weights in a way this library does not redo; it loads {LOADABLE_INITS}")
     for field, plain in PLAIN_LORA.items():
         if config.get(field) not in plain:
             raise ValueError(
@@ -189,7 +207,11 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
 
     r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
     use_rslora = bool(config.get("use_rslora"))
+    init = "pissa" if config.get("init_lora_weights") == "pissa" else "lora"
     existing = dict(lora_layers(model))
+    if existing and init == "pissa":
+        raise ValueError(f"{config_path}: a PiSSA adapter (init_lora_weights: pissa) needs the original base, whose "
+                         "SVD loading takes again; load it into a model without LoRA")
     if existing:
         for name, layer in existing.items():
             for field, attribute, wanted in (("lora_alpha", "alpha", alpha), ("use_rslora", "use_rslora", use_rslora)):
@@ -220,7 +242,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             )
 
     if not existing:
-        inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                    init=init)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, layer in layers.items():

@@ -15,6 +15,10 @@ from torch import nn
 
 from lora.layer import LoRALinear, check_hyperparameters
 from lora.nf4 import NF4Linear
+from lora.pissa import pissa_init_
+
+# How inject_lora starts A and B: "lora", the paper's (A random, B zero), or "pissa" (lora/pissa.py).
+INITS = ("lora", "pissa")
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
@@ -95,6 +99,7 @@ def inject_lora(
     dropout: float = 0.0,
     adapter_dtype: torch.dtype | None = None,
     use_rslora: bool = False,
+    init: str = "lora",
 ) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or 4-bit ``NF4Linear``) of ``model`` with a ``LoRALinear``, in place.
 
@@ -106,6 +111,8 @@ def inject_lora(
             The default, the query and value projections, is the LoRA paper's choice (§7.1).
         r, alpha, dropout, use_rslora: passed to every ``LoRALinear`` (``use_rslora``: scale by
             alpha / sqrt(r) rather than alpha / r).
+        init: "lora" (A random, B zero) or "pissa": A and B from the top-r singular vectors of
+            each W, the rest of W left frozen (``lora/pissa.py``; the model's output is unchanged).
         adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
             bf16 base passes float32: the small updates AdamW makes to A and B would round away
             in bf16, whose spacing just above 1 is 2^-7 (torch.finfo(torch.bfloat16).eps).
@@ -120,11 +127,23 @@ def inject_lora(
             layers are supported.
     """
     check_hyperparameters(r, alpha, dropout)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     targets = find_targets(model, target_modules)
+    if init == "pissa":
+        for name in targets:
+            module = model.get_submodule(name)
+            if isinstance(module, NF4Linear) or (isinstance(module, nn.Linear)
+                                                 and r > min(module.in_features, module.out_features)):
+                raise ValueError(f"{name}: PiSSA takes the SVD of a full-precision weight with at least r={r} "
+                                 "singular values; inject before quantize_model, with r <= min(in, out)")
     for name in targets:
         layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype,
                            use_rslora=use_rslora)
         model.set_submodule(name, layer, strict=True)
+    if init == "pissa":  # checked above, before anything changed: full-precision bases, r within the shapes
+        for name in targets:
+            pissa_init_(model.get_submodule(name))
     mark_only_lora_trainable(model)
     return targets
 

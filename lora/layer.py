@@ -106,6 +106,9 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        # How A and B started, in peft's words: True (A random, B zero: reset_parameters) or "pissa"
+        # (lora/pissa.py, which also changed W); an adapter's config records it.
+        self.init_lora_weights = True
         self._fused = False  # the plain path, forward's one line, unless opted into (see fused)
         self.reset_parameters()
 

@@ -96,6 +96,7 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     layer.lora_A.weight.copy_(A)
     layer.lora_B.weight.copy_(B)
     weight.copy_(residual)
+    layer.init_lora_weights = "pissa"  # the base now holds W_res: an adapter saved from here says so
     return layer
 
 

@@ -467,3 +467,18 @@ def test_use_rslora_trains_with_alpha_over_sqrt_r_and_its_adapter_says_so(tmp_pa
     model = tiny_model("tiny-llama")
     load_adapter(model, adapter)
     assert {layer.scaling for _, layer in lora_layers(model)} == {16.0 / 2}  # alpha 16 / sqrt(4)
+
+
+def test_init_pissa_trains_and_saves_an_adapter_for_the_unmodified_base(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--r", "4", "--init", "pissa")) == 0
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (8, 32.0, True)  # rank 2r, plain
+    model = tiny_model("tiny-llama")
+    load_adapter(model, adapter)
+    assert {layer.r for _, layer in lora_layers(model)} == {8}
+
+
+def test_init_pissa_with_a_4bit_base_is_one_line_exit_2(tmp_path, capsys):
+    assert main(run_args(tmp_path, "--init", "pissa", "--quantize", "nf4")) == 2
+    assert "--init pissa takes the SVD of full-precision weights" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.testing import assert_close
 
-from lora import NF4Linear, adapter_config, adapter_state_dict, inject_lora, load_adapter, lora_layers
+from lora import NF4Linear, adapter_config, adapter_state_dict, inject_lora, load_adapter, lora_layers, save_adapter
 from lora.adapter import adapter_key
 from lora.layer import LoRALinear
 from lora.pissa import pissa_factors, pissa_init_, pissa_init_model_, pissa_to_lora, pissa_to_lora_config
@@ -192,3 +192,70 @@ def test_conversion_refuses_adapters_of_different_layers_or_ranks():
         pissa_to_lora(initial, {A: torch.zeros(2, 5)})
     with pytest.raises(ValueError, match="same r"):
         pissa_to_lora(initial, {A: torch.zeros(4, 5), B: torch.zeros(3, 4)})
+
+
+# --- Through inject_lora, save_adapter and load_adapter --------------------------------------------------------
+
+
+def test_inject_lora_init_pissa_equals_peft_pissa(tiny):
+    ours = copy.deepcopy(tiny)
+    inject_lora(ours, TARGETS, r=R, alpha=ALPHA, init="pissa")
+    theirs = peft_pissa_model(tiny)
+    inner = theirs.base_model.model
+    for name, layer in lora_layers(ours):
+        peft_layer = inner.get_submodule(name)
+        assert_close(layer.lora_A.weight, peft_layer.lora_A["default"].weight, **EXACT)
+        assert_close(layer.lora_B.weight, peft_layer.lora_B["default"].weight, **EXACT)
+        assert_close(layer.base_layer.weight, peft_layer.base_layer.weight, **EXACT)
+    assert {layer.init_lora_weights for _, layer in lora_layers(ours)} == {"pissa"}
+
+
+def test_pissa_adapter_saved_with_its_start_loads_on_the_unmodified_base_here_and_in_peft(tiny, tmp_path):
+    model = copy.deepcopy(tiny)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA, init="pissa")
+    initial = {key: tensor.clone() for key, tensor in adapter_state_dict(model).items()}
+    train(model)
+    save_adapter(model, tmp_path / "adapter", initial=initial)
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["init_lora_weights"]) == (2 * R, 2 * ALPHA, True)
+    ids = token_batch(tiny)
+    ours = copy.deepcopy(tiny)
+    load_adapter(ours, tmp_path / "adapter")
+    assert_close(logits(ours, ids), logits(model, ids), **ROUNDOFF)
+    assert_close(logits(PeftModel.from_pretrained(copy.deepcopy(tiny), tmp_path / "adapter"), ids), logits(ours, ids),
+                 **EXACT)
+
+
+def test_pissa_adapter_saved_as_it_is_takes_the_svd_again_when_loaded_here_and_in_peft(tiny, tmp_path):
+    model = copy.deepcopy(tiny)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA, init="pissa")
+    train(model)
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    ids = token_batch(tiny)
+    ours = copy.deepcopy(tiny)
+    load_adapter(ours, tmp_path / "adapter")
+    assert_close(logits(ours, ids), logits(model, ids), **EXACT)  # the same SVD of the same W: the same W_res
+    assert_close(logits(PeftModel.from_pretrained(copy.deepcopy(tiny), tmp_path / "adapter"), ids), logits(ours, ids),
+                 **EXACT)
+
+
+def test_a_pissa_adapter_into_a_model_that_has_lora_is_refused(tiny, tmp_path):
+    model = copy.deepcopy(tiny)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA, init="pissa")
+    save_adapter(model, tmp_path / "adapter")
+    has_lora = copy.deepcopy(tiny)
+    inject_lora(has_lora, TARGETS, r=R, alpha=ALPHA)
+    with pytest.raises(ValueError, match="a PiSSA adapter .* load it into a model without LoRA"):
+        load_adapter(has_lora, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa_niter_16", "loftq"])
+def test_an_init_that_changed_the_base_in_a_way_not_redone_here_is_refused_by_name(tiny, tmp_path, init):
+    model = copy.deepcopy(tiny)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA)
+    save_adapter(model, tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": init}))
+    with pytest.raises(ValueError, match=f"init_lora_weights is '{init}', which changed the base weights"):
+        load_adapter(copy.deepcopy(tiny), tmp_path / "adapter")

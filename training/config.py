@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from data.tasks import TASKS
-from lora.inject import parse_targets
+from lora.inject import INITS, parse_targets
 from lora.layer import check_hyperparameters
 from models.precision import PRECISIONS
 from training.distributed import STRATEGIES
@@ -44,6 +44,9 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r) instead of alpha / r (rsLoRA): a larger r then "
                               "starts with updates as large as a small r's, and can use its extra rank")
+    init: str = option("lora", "lora: A random, B zero (training starts at the pretrained model); pissa: A and B "
+                       "from W's top-r singular vectors, the rest of W frozen (PiSSA); the adapter is saved "
+                       "for the original base either way")
     lora_path: str = option("plain", "plain: the LoRA layer's one-line formula, peft's ops op for op; fused: the "
                             "same math with a hand-written backward (lora/fused.py), a few percent faster a step")
     quantize: str = option("none", "nf4: hold the frozen base in 4 bits (QLoRA, lora/nf4.py), every Linear but "
@@ -98,6 +101,9 @@ class TrainConfig:
             (self.quantize in QUANTIZATIONS,
              f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"),
             (not self.double_quant or self.quantize == "nf4", "--double-quant needs --quantize nf4"),
+            (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (self.init != "pissa" or self.quantize == "none", "--init pissa takes the SVD of full-precision "
+             "weights, which --quantize nf4 has already rounded to 4 bits; use one or the other"),
             (self.lora_path in LORA_PATHS,
              f"--lora-path must be one of {', '.join(LORA_PATHS)}, got {self.lora_path!r}"),
             (self.precision in PRECISIONS,

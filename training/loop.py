@@ -30,7 +30,8 @@ from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
 from eval.perplexity import label_tokens, summed_nll, summed_token_nll
-from lora import cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line, use_fused_lora
+from lora import (adapter_state_dict, cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line,
+                  use_fused_lora)
 from lora.atomic import write_atomically
 from models.loader import load_model
 from models.precision import Precision, choose_precision
@@ -273,9 +274,13 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         quantize_model(model, double_quant=config.double_quant)
     try:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                              adapter_dtype=torch.float32, use_rslora=config.use_rslora)
+                              adapter_dtype=torch.float32, use_rslora=config.use_rslora, init=config.init)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
+    # PiSSA's start, kept to save the trained adapter for the original base (a resumed run takes
+    # the same SVD of the same weights, so it finds the same start before its checkpoint loads).
+    pissa_start = {key: tensor.clone() for key, tensor in adapter_state_dict(model).items()} \
+        if config.init == "pissa" else None
     cast_frozen(model, precision.base_dtype)  # a 4-bit base: what is not 4-bit; its fp32 constants stay as they are
     use_fused_lora(model, config.lora_path == "fused")
     if config.gradient_checkpointing:
@@ -381,7 +386,8 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     tensors = distributed.adapter_tensors(model)
     plotted = False
     if world.is_main:
-        save_adapter(distributed.unwrap(model), run / "adapter", base_model_name_or_path=config.model, tensors=tensors)
+        save_adapter(distributed.unwrap(model), run / "adapter", base_model_name_or_path=config.model, tensors=tensors,
+                     initial=pissa_start)
         plotted = plot_losses(metrics_path, run / "loss.png")
     distributed.barrier()
     return summarize(state, run, plotted, tokens_seen, time.perf_counter() - start_time, say)
