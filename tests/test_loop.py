@@ -482,3 +482,23 @@ def test_init_pissa_trains_and_saves_an_adapter_for_the_unmodified_base(tmp_path
 def test_init_pissa_with_a_4bit_base_is_one_line_exit_2(tmp_path, capsys):
     assert main(run_args(tmp_path, "--init", "pissa", "--quantize", "nf4")) == 2
     assert "--init pissa takes the SVD of full-precision weights" in capsys.readouterr().err
+
+
+def test_loraplus_ratio_moves_b_at_ratio_times_the_learning_rate_of_a(tmp_path, monkeypatch):
+    built, original = [], loop.loraplus_optimizer
+
+    def keep(*args, **kwargs):  # the loop's optimizer, kept to look at after the run
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(loop, "loraplus_optimizer", keep)
+    assert main(run_args(tmp_path, "--max-steps", "3", "--warmup-steps", "2", "--loraplus-ratio", "16")) == 0
+    groups = {group["name"]: group for group in built[0].param_groups}
+    last_lr = get_lr(2, 1e-3, 1e-4, 2, 3)  # the schedule at the last step
+    assert (groups["lora_A"]["lr"], groups["lora_B"]["lr"]) == (last_lr, 16 * last_lr)
+
+
+@pytest.mark.parametrize("ratio", ["-1", "inf"])
+def test_a_bad_loraplus_ratio_is_one_line_exit_2(tmp_path, capsys, ratio):
+    assert main(run_args(tmp_path, "--loraplus-ratio", ratio)) == 2
+    assert "--loraplus-ratio must be 0 (off) or a number > 0" in capsys.readouterr().err

@@ -8,6 +8,7 @@ given next to it override the file.
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -57,6 +58,8 @@ class TrainConfig:
     lr: float = option(1e-3, "peak learning rate; LoRA tolerates ~10x the rate of full fine-tuning")
     min_lr: float = option(1e-4, "learning rate at the end of the cosine decay; about a tenth of lr")
     warmup_steps: int = option(10, "linear warm-up from 0; a few percent of the steps avoids an early blow-up")
+    loraplus_ratio: float = option(0.0, "LoRA+ (lora/loraplus.py): B trains at this times lr, A at lr; the "
+                                   "paper's rule of thumb is 16; 0 is off, one lr for both")
     weight_decay: float = option(0.0, "AdamW weight decay on A and B; 0 is usual for LoRA")
     max_grad_norm: float = option(1.0, "clip the gradient norm to this; 0 turns clipping off")
     batch_size: int = option(2, "sequences per micro-batch; memory grows with batch_size x max_length")
@@ -115,6 +118,8 @@ class TrainConfig:
             (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}"),
             (self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (self.loraplus_ratio == 0 or 0 < self.loraplus_ratio < math.inf,
+             f"--loraplus-ratio must be 0 (off) or a number > 0, got {self.loraplus_ratio}"),
             (self.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {self.max_grad_norm}"),
             (self.epochs >= 0, f"--epochs must be >= 0, got {self.epochs}"),
             (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}"),

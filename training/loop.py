@@ -32,6 +32,7 @@ from eval.flops import flops_of_model, format_flops
 from eval.perplexity import label_tokens, summed_nll, summed_token_nll
 from lora import (adapter_state_dict, cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line,
                   use_fused_lora)
+from lora.loraplus import loraplus_optimizer
 from lora.atomic import write_atomically
 from models.loader import load_model
 from models.precision import Precision, choose_precision
@@ -297,8 +298,13 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
 
     # 4. AdamW over A and B only: the frozen base has no gradients and no optimizer state. fp16
     #    alone needs its loss scaled; for bf16 and fp32 the scaler is off and passes values through.
+    #    With --loraplus-ratio, B's group carries lr_scale = ratio (LoRA+, lora/loraplus.py).
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    if config.loraplus_ratio:
+        optimizer = loraplus_optimizer(model, lr=config.lr, ratio=config.loraplus_ratio,
+                                       weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_loss_scaling)
     pad_id = pad_token_id(tokenizer)
     collate = PadCollator(pad_id)
@@ -329,7 +335,7 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         step_start = time.perf_counter()
         lr = get_lr(state.step, config.lr, config.min_lr, config.warmup_steps, max_steps)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # LoRA+'s B: the same schedule, ratio times higher
 
         # 6a. Forward and backward over the step's micro-batches, every label token weighing the same.
         planned = plan(state.step)
