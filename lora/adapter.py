@@ -3,9 +3,11 @@
 An adapter folder holds two files and nothing of the base model:
 
 - ``adapter_model.safetensors``: every A and B, under the key
-  ``base_model.model.<module path>.lora_A.weight`` (and ``.lora_B.weight``);
+  ``base_model.model.<module path>.lora_A.weight`` (and ``.lora_B.weight``), and for DoRA each
+  magnitude vector under ``base_model.model.<module path>.lora_magnitude_vector``;
 - ``adapter_config.json``: ``peft_type``, ``task_type``, ``r``, ``lora_alpha``,
-  ``lora_dropout``, ``use_rslora``, ``target_modules``, ``bias`` and ``base_model_name_or_path``.
+  ``lora_dropout``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``target_modules``, ``bias``
+  and ``base_model_name_or_path``.
 
 safetensors stores raw tensors, so loading an adapter never unpickles (never runs) anything.
 """
@@ -20,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora.atomic import replace_folder_atomically
+from lora.dora import DoRALinear, magnitude_key
 from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
 from lora.layer import check_hyperparameters
 from lora.pissa import pissa_to_lora, pissa_to_lora_config
@@ -29,9 +32,9 @@ CONFIG_NAME = "adapter_config.json"
 # peft wraps the model twice (PeftModel.base_model is a LoraModel, whose .model is yours).
 KEY_PREFIX = "base_model.model."
 
-# peft config fields that change what the weights mean, and the values that mean plain LoRA.
+# peft config fields that change what the weights mean, and the values this library loads (those of
+# plain LoRA; use_rslora, use_dora and init_lora_weights are read and checked on their own).
 PLAIN_LORA = {
-    "use_dora": (False, None),
     "fan_in_fan_out": (False, None),
     "bias": ("none", None),
     "modules_to_save": (None, []),
@@ -52,11 +55,13 @@ def adapter_key(module_name: str, matrix: str) -> str:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA A and B of ``model`` under peft's key names (detached, not copied)."""
+    """Every LoRA A and B (and DoRA magnitude) of ``model`` under peft's key names (detached, not copied)."""
     tensors = {}
     for name, layer in lora_layers(model):
         tensors[adapter_key(name, "lora_A")] = layer.lora_A.weight.detach()
         tensors[adapter_key(name, "lora_B")] = layer.lora_B.weight.detach()
+        if isinstance(layer, DoRALinear):
+            tensors[KEY_PREFIX + magnitude_key(name)] = layer.lora_magnitude_vector.detach()
     return tensors
 
 
@@ -80,6 +85,10 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         if len(values) > 1:
             raise ValueError(f"LoRA layers have different {field} values {values}; one adapter file holds one")
         settings[field] = values[0]
+    kinds = {isinstance(layer, DoRALinear) for layer in layers.values()}
+    if len(kinds) > 1:
+        raise ValueError("some LoRA layers are DoRA and some are not; one adapter file holds one kind")
+    settings["use_dora"] = kinds.pop()
 
     names = list(layers)
     short = short_names(names)
@@ -165,15 +174,17 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path}: {error}") from None
     if not isinstance(config["target_modules"], (str, list)):
         raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
-    if config.get("use_rslora") not in (True, False, None):
-        raise ValueError(f"{path}: use_rslora is {config['use_rslora']!r}; it must be true or false")
+    for field in ("use_rslora", "use_dora"):
+        if config.get(field) not in (True, False, None):
+            raise ValueError(f"{path}: {field} is {config[field]!r}; it must be true or false")
     if config.get("init_lora_weights") not in LOADABLE_INITS:
         raise ValueError(f"{path}: init_lora_weights is {config['init_lora_weights']!r}, which changed the base "
                          f"weights in a way this library does not redo; it loads {LOADABLE_INITS}")
     for field, plain in PLAIN_LORA.items():
         if config.get(field) not in plain:
             raise ValueError(
-                f"{path}: {field} is {config[field]!r}; this library loads plain LoRA only ({field}: {plain[0]!r})"
+                f"{path}: {field} is {config[field]!r}; this library does not load that option "
+                f"(it needs {field}: {plain[0]!r})"
             )
     return config
 
@@ -206,7 +217,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
         raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
 
     r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
-    use_rslora = bool(config.get("use_rslora"))
+    use_rslora, use_dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
     init = "pissa" if config.get("init_lora_weights") == "pissa" else "lora"
     existing = dict(lora_layers(model))
     if existing and init == "pissa":
@@ -220,6 +231,10 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
                         f"{config_path}: {field} is {wanted} but {name} has {attribute} {getattr(layer, attribute)}; "
                         "load into a model without LoRA to take the adapter's settings"
                     )
+            if isinstance(layer, DoRALinear) != use_dora:
+                raise ValueError(f"{config_path}: use_dora is {use_dora} but {name} is "
+                                 f"{'' if isinstance(layer, DoRALinear) else 'not '}a DoRA layer; "
+                                 "load into a model without LoRA to take the adapter's settings")
         expected = adapter_state_dict(model)
         shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
     else:
@@ -228,6 +243,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             linear = model.get_submodule(name)
             shapes[adapter_key(name, "lora_A")] = (r, linear.in_features)
             shapes[adapter_key(name, "lora_B")] = (linear.out_features, r)
+            if use_dora:
+                shapes[KEY_PREFIX + magnitude_key(name)] = (linear.out_features,)
 
     for key in tensors:
         if key not in shapes:
@@ -243,7 +260,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
 
     if not existing:
         inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                    init=init)
+                    init=init, use_dora=use_dora)
     layers = dict(lora_layers(model))
     with torch.no_grad():
         for name, layer in layers.items():
@@ -251,6 +268,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             layer.unmerge()  # a merged W holds the old ΔW: take it out before A and B change
             layer.lora_A.weight.copy_(tensors[adapter_key(name, "lora_A")])
             layer.lora_B.weight.copy_(tensors[adapter_key(name, "lora_B")])
+            if isinstance(layer, DoRALinear):
+                layer.lora_magnitude_vector.copy_(tensors[KEY_PREFIX + magnitude_key(name)])
             if was_merged:
                 layer.merge()
     return list(layers)

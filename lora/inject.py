@@ -13,6 +13,7 @@ import torch
 
 from torch import nn
 
+from lora.dora import DoRALinear
 from lora.layer import LoRALinear, check_hyperparameters
 from lora.nf4 import NF4Linear
 from lora.pissa import pissa_init_
@@ -100,6 +101,7 @@ def inject_lora(
     adapter_dtype: torch.dtype | None = None,
     use_rslora: bool = False,
     init: str = "lora",
+    use_dora: bool = False,
 ) -> list[str]:
     """Replace every targeted ``nn.Linear`` (or 4-bit ``NF4Linear``) of ``model`` with a ``LoRALinear``, in place.
 
@@ -113,6 +115,8 @@ def inject_lora(
             alpha / sqrt(r) rather than alpha / r).
         init: "lora" (A random, B zero) or "pissa": A and B from the top-r singular vectors of
             each W, the rest of W left frozen (``lora/pissa.py``; the model's output is unchanged).
+        use_dora: a ``DoRALinear`` (``lora/dora.py``) in place of each ``LoRALinear``: a trained
+            magnitude per output beside the low-rank direction (DoRA).
         adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
             bf16 base passes float32: the small updates AdamW makes to A and B would round away
             in bf16, whose spacing just above 1 is 2^-7 (torch.finfo(torch.bfloat16).eps).
@@ -137,23 +141,31 @@ def inject_lora(
                                                  and r > min(module.in_features, module.out_features)):
                 raise ValueError(f"{name}: PiSSA takes the SVD of a full-precision weight with at least r={r} "
                                  "singular values; inject before quantize_model, with r <= min(in, out)")
+    if use_dora and any(isinstance(model.get_submodule(name), NF4Linear) for name in targets):
+        raise ValueError("DoRA needs the base weight in full precision for its row norms on every forward; a 4-bit "
+                         "base (QDoRA) is not supported: use_dora=False, or inject before quantize_model")
+    layer_class = DoRALinear if use_dora else LoRALinear
     for name in targets:
-        layer = LoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype,
-                           use_rslora=use_rslora)
+        layer = layer_class(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype,
+                            use_rslora=use_rslora)
         model.set_submodule(name, layer, strict=True)
     if init == "pissa":  # checked above, before anything changed: full-precision bases, r within the shapes
         for name in targets:
-            pissa_init_(model.get_submodule(name))
+            layer = model.get_submodule(name)
+            pissa_init_(layer)
+            if use_dora:
+                layer.reset_magnitude()  # m = ||W_res + s B A||, as peft sets it after PiSSA
     mark_only_lora_trainable(model)
     return targets
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
-    """``requires_grad`` True on every LoRA A and B, False on every other parameter."""
+    """``requires_grad`` True on every LoRA layer's own parameters (A and B; DoRA's magnitude too), False on
+    every other parameter."""
     model.requires_grad_(False)
     for _, layer in lora_layers(model):
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        layer.requires_grad_(True)
+        layer.base_layer.requires_grad_(False)
 
 
 @contextmanager

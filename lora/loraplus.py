@@ -47,6 +47,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from lora.dora import DoRALinear
 from lora.embedding import LoRAEmbedding
 from lora.inject import lora_layers
 
@@ -103,7 +104,9 @@ def loraplus_parameter_groups(model: nn.Module, lr: float, ratio: float, weight_
     linear = [layer for _, layer in lora_layers(model)]
     embeddings = [module for module in model.modules() if isinstance(module, LoRAEmbedding)]
     a = _trainable(p for layer in linear for p in layer.lora_A.parameters())
-    b = _trainable(p for layer in linear for p in layer.lora_B.parameters())
+    # DoRA's magnitude vector goes with B, as peft's create_loraplus_optimizer puts every 1-D LoRA parameter.
+    b = _trainable([*(p for layer in linear for p in layer.lora_B.parameters()),
+                    *(layer.lora_magnitude_vector for layer in linear if isinstance(layer, DoRALinear))])
     embedding = _trainable(p for layer in embeddings for p in (layer.lora_embedding_A, layer.lora_embedding_B))
     if not a + b + embedding:
         raise ValueError("the model has no trainable LoRA A or B: add LoRA first with inject_lora(model, ...) "

@@ -52,21 +52,24 @@ def peft_lora(model, peft_model):
     return [(layer, inner.get_submodule(name)) for name, layer in lora_layers(model)]
 
 
-def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0, seed=0, use_rslora=False):
+def lora_and_peft(base, target_modules=("q_proj", "v_proj"), r=4, alpha=8, dropout=0.0, seed=0, use_rslora=False,
+                  use_dora=False):
     """``(ours, peft_model)``: two copies of ``base`` with LoRA on the same modules and identical non-zero A, B."""
     from peft import LoraConfig, get_peft_model
 
     ours = copy.deepcopy(base)
     # The plain path: peft's operations, in order.
-    inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    inject_lora(ours, target_modules, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora)
     randomize_lora(ours, seed)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                        use_rslora=use_rslora)
+                        use_rslora=use_rslora, use_dora=use_dora)
     theirs = get_peft_model(copy.deepcopy(base), config)
     with torch.no_grad():
         for mine, peft_layer in peft_lora(ours, theirs):
             peft_layer.lora_A["default"].weight.copy_(mine.lora_A.weight)
             peft_layer.lora_B["default"].weight.copy_(mine.lora_B.weight)
+            if use_dora:
+                peft_layer.lora_magnitude_vector["default"].weight.copy_(mine.lora_magnitude_vector)
     return ours, theirs
 
 

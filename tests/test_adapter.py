@@ -251,7 +251,7 @@ def test_malformed_config_names_the_line(saved):
     "field, value, message",
     [
         ("peft_type", "IA3", "peft_type is 'IA3'; only 'LORA'"),
-        ("use_dora", True, "use_dora is True; this library loads plain LoRA only"),
+        ("fan_in_fan_out", True, "fan_in_fan_out is True; this library does not load that option"),
         ("bias", "all", "bias is 'all'"),
         ("target_modules", 3, "target_modules must be a list"),
         ("r", 0, "adapter_config.json: r must be a positive integer"),

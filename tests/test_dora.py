@@ -7,15 +7,17 @@ the layer), the tolerance is tight and the comment says why it cannot be exact.
 """
 
 import copy
+import json
 
 import pytest
 import torch
-from conftest import token_batch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from conftest import lora_and_peft, peft_lora, token_batch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from torch.testing import assert_close
 
-from lora import NF4Linear, adapter_state_dict, disable_lora, use_fused_lora
+from lora import (NF4Linear, adapter_state_dict, disable_lora, inject_lora, load_adapter, lora_layers, save_adapter,
+                  use_fused_lora)
 from lora.adapter import KEY_PREFIX
 from lora.dora import (
     DoRALinear,
@@ -347,3 +349,48 @@ def test_the_fused_path_is_refused(tiny):
     with pytest.raises(ValueError, match="plain path"):
         use_fused_lora(ours, True)
     assert not any(layer.fused for _, layer in dora_layers(ours))
+
+
+# --- Through inject_lora, save_adapter, load_adapter and the loop ----------------------------------------------
+
+
+def test_inject_lora_use_dora_trains_a_b_and_m_and_equals_peft(tiny):
+    ours, theirs = lora_and_peft(tiny, use_dora=True)
+    trainable = {name.rsplit(".", 2)[-2] if name.endswith(".weight") else name.rsplit(".", 1)[-1]
+                 for name, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude_vector"}
+    ids = token_batch(tiny)
+    ours_out, theirs_out = ours(ids, labels=ids), theirs(ids, labels=ids)
+    ours_out.loss.backward()
+    theirs_out.loss.backward()
+    assert_close(ours_out.logits, theirs_out.logits, rtol=0, atol=0)
+    for mine, peft_layer in peft_lora(ours, theirs):
+        assert_close(mine.lora_magnitude_vector.grad, peft_layer.lora_magnitude_vector["default"].weight.grad,
+                     rtol=0, atol=0)
+
+
+def test_dora_adapter_saved_here_loads_in_peft_and_peft_s_loads_here(tiny, tmp_path):
+    ours, theirs = lora_and_peft(tiny, use_dora=True)
+    with torch.no_grad():  # a trained-looking m, so that a magnitude lost on the way would show
+        for _, layer in lora_layers(ours):
+            layer.lora_magnitude_vector.mul_(1.5)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    ids = token_batch(tiny)
+    loaded_in_peft = PeftModel.from_pretrained(copy.deepcopy(tiny), tmp_path / "ours")
+    with torch.no_grad():
+        assert_close(loaded_in_peft(ids).logits, ours(ids).logits, rtol=0, atol=0)
+    loaded_in_peft.save_pretrained(tmp_path / "theirs")
+    loaded_here = copy.deepcopy(tiny)
+    load_adapter(loaded_here, tmp_path / "theirs")
+    with torch.no_grad():
+        assert_close(loaded_here(ids).logits, ours(ids).logits, rtol=0, atol=0)
+
+
+def test_loading_a_dora_adapter_into_plain_lora_layers_is_refused_by_name(tiny, tmp_path):
+    ours, _ = lora_and_peft(tiny, use_dora=True)
+    save_adapter(ours, tmp_path / "adapter")
+    plain = copy.deepcopy(tiny)
+    inject_lora(plain, r=4, alpha=8)
+    with pytest.raises(ValueError, match="use_dora is True but model.layers.0.self_attn.q_proj is not a DoRA layer"):
+        load_adapter(plain, tmp_path / "adapter")

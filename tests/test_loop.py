@@ -502,3 +502,23 @@ def test_loraplus_ratio_moves_b_at_ratio_times_the_learning_rate_of_a(tmp_path, 
 def test_a_bad_loraplus_ratio_is_one_line_exit_2(tmp_path, capsys, ratio):
     assert main(run_args(tmp_path, "--loraplus-ratio", ratio)) == 2
     assert "--loraplus-ratio must be 0 (off) or a number > 0" in capsys.readouterr().err
+
+
+def test_use_dora_trains_a_b_and_m_and_its_adapter_loads_as_dora(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--use-dora")) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+    model = tiny_model("tiny-llama")
+    load_adapter(model, adapter)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    for name, layer in lora_layers(model):
+        assert_close(layer.lora_magnitude_vector, saved[f"base_model.model.{name}.lora_magnitude_vector"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--use-dora", "--quantize", "nf4"], "--use-dora needs the base in full precision"),
+    (["--use-dora", "--lora-path", "fused"], "--use-dora takes the plain path"),
+])
+def test_use_dora_with_a_4bit_base_or_the_fused_path_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    assert main(run_args(tmp_path, *argv)) == 2
+    assert message in capsys.readouterr().err

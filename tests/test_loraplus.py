@@ -154,3 +154,15 @@ def test_ratio_that_is_not_a_positive_number_raises(llama, ratio):
 def test_model_without_lora_raises_naming_inject_lora(llama):
     with pytest.raises(ValueError, match=r"^the model has no trainable LoRA A or B: add LoRA first with inject_lora"):
         loraplus_optimizer(copy.deepcopy(llama), lr=LR, ratio=RATIO)
+
+
+def test_dora_magnitudes_train_with_b_as_in_peft_loraplus(llama):
+    ours, theirs = lora_and_peft(llama, use_dora=True)
+    groups = {group["name"]: group for group in loraplus_parameter_groups(ours, lr=LR, ratio=RATIO)}
+    magnitudes = {id(layer.lora_magnitude_vector) for _, layer in lora_layers(ours)}
+    assert magnitudes <= {id(p) for p in groups["lora_B"]["params"]}
+    adamw_steps(ours, loraplus_optimizer(ours, lr=LR, ratio=RATIO))
+    adamw_steps(theirs, create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=LR, loraplus_lr_ratio=RATIO))
+    for mine, peft_layer in peft_lora(ours, theirs):
+        assert_close(mine.lora_magnitude_vector, peft_layer.lora_magnitude_vector["default"].weight, **EXACT)
+        assert_close(mine.lora_B.weight, peft_layer.lora_B["default"].weight, **EXACT)

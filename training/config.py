@@ -45,6 +45,8 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout on the LoRA path; 0.05 to 0.1 helps against overfitting small data")
     use_rslora: bool = option(False, "scale by alpha / sqrt(r) instead of alpha / r (rsLoRA): a larger r then "
                               "starts with updates as large as a small r's, and can use its extra rank")
+    use_dora: bool = option(False, "DoRA (lora/dora.py): a trained magnitude per output beside the low-rank "
+                            "direction; a little more time and memory a step than plain LoRA")
     init: str = option("lora", "lora: A random, B zero (training starts at the pretrained model); pissa: A and B "
                        "from W's top-r singular vectors, the rest of W frozen (PiSSA); the adapter is saved "
                        "for the original base either way")
@@ -105,6 +107,10 @@ class TrainConfig:
              f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"),
             (not self.double_quant or self.quantize == "nf4", "--double-quant needs --quantize nf4"),
             (self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}"),
+            (not self.use_dora or self.quantize == "none", "--use-dora needs the base in full precision for its "
+             "row norms; a 4-bit base (--quantize nf4, QDoRA) is not supported"),
+            (not self.use_dora or self.lora_path == "plain", "--use-dora takes the plain path; the fused one "
+             "(--lora-path fused) is plain LoRA's only"),
             (self.init != "pissa" or self.quantize == "none", "--init pissa takes the SVD of full-precision "
              "weights, which --quantize nf4 has already rounded to 4 bits; use one or the other"),
             (self.lora_path in LORA_PATHS,

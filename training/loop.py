@@ -275,7 +275,8 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         quantize_model(model, double_quant=config.double_quant)
     try:
         targets = inject_lora(model, config.target_modules, r=config.r, alpha=config.alpha, dropout=config.dropout,
-                              adapter_dtype=torch.float32, use_rslora=config.use_rslora, init=config.init)
+                              adapter_dtype=torch.float32, use_rslora=config.use_rslora, init=config.init,
+                              use_dora=config.use_dora)
     except (ValueError, TypeError) as error:
         raise BadInput(str(error)) from None
     # PiSSA's start, kept to save the trained adapter for the original base (a resumed run takes
@@ -317,6 +318,8 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     run, state = open_run(config, resume, model, optimizer, scaler, world)
     metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
     rslora = " (rsLoRA: scaling alpha / sqrt(r))" if config.use_rslora else ""
+    rslora += ", DoRA" if config.use_dora else ""
+    rslora += ", PiSSA start" if config.init == "pissa" else ""
     say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha}{rslora} "
         f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
     say(parameters_line)
