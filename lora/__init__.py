@@ -4,12 +4,18 @@ Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a mo
 ``parameters`` (what trains), ``merge`` (folding it back in), ``adapter`` (files on disk),
 ``fused`` (the same layer with a hand-written backward, for speed: opt-in with
 ``use_fused_lora(model, True)``; the layer's one-line forward is the default), ``nf4`` (a 4-bit
-frozen base: QLoRA).
+frozen base: QLoRA). Then LoRA's relatives, each a small change to the plain layer and each equal
+to peft's: rsLoRA (``use_rslora``, in ``layer``), ``dora`` (a trained magnitude per output),
+``pissa`` (A and B from W's principal singular vectors), ``loraplus`` (B at a higher learning
+rate than A) and ``embedding`` (LoRA on an ``nn.Embedding``).
 """
 
 from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from lora.dora import DoRALinear
+from lora.embedding import LoRAEmbedding
 from lora.fused import fused_lora
 from lora.inject import (
+    adapted_modules,
     disable_lora,
     find_linear_modules,
     inject_lora,
@@ -19,13 +25,18 @@ from lora.inject import (
     use_fused_lora,
 )
 from lora.layer import LoRALinear
+from lora.loraplus import loraplus_optimizer, loraplus_parameter_groups
 from lora.merge import merge_and_unload, merge_lora, unmerge_lora
 from lora.nf4 import NF4Linear, dequantize_model, quantize_model
 from lora.parameters import cast_frozen, count_parameters, print_trainable_parameters, trainable_parameters_line
+from lora.pissa import pissa_init_, pissa_to_lora
 
 __all__ = [
+    "DoRALinear",
+    "LoRAEmbedding",
     "LoRALinear",
     "NF4Linear",
+    "adapted_modules",
     "adapter_config",
     "adapter_state_dict",
     "cast_frozen",
@@ -37,10 +48,14 @@ __all__ = [
     "inject_lora",
     "load_adapter",
     "lora_layers",
+    "loraplus_optimizer",
+    "loraplus_parameter_groups",
     "mark_only_lora_trainable",
     "merge_and_unload",
     "merge_lora",
     "parse_targets",
+    "pissa_init_",
+    "pissa_to_lora",
     "print_trainable_parameters",
     "quantize_model",
     "save_adapter",

@@ -4,7 +4,8 @@ An adapter folder holds two files and nothing of the base model:
 
 - ``adapter_model.safetensors``: every A and B, under the key
   ``base_model.model.<module path>.lora_A.weight`` (and ``.lora_B.weight``), and for DoRA each
-  magnitude vector under ``base_model.model.<module path>.lora_magnitude_vector``;
+  magnitude vector under ``base_model.model.<module path>.lora_magnitude_vector``; an adapted
+  embedding's under ``base_model.model.<module path>.lora_embedding_A`` (and ``_B``);
 - ``adapter_config.json``: ``peft_type``, ``task_type``, ``r``, ``lora_alpha``,
   ``lora_dropout``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``target_modules``, ``bias``
   and ``base_model_name_or_path``.
@@ -23,8 +24,9 @@ from torch import nn
 
 from lora.atomic import replace_folder_atomically
 from lora.dora import DoRALinear, magnitude_key
-from lora.inject import candidate_modules, find_targets, inject_lora, lora_layers, matches_target, short_names
-from lora.layer import check_hyperparameters
+from lora.embedding import LoRAEmbedding
+from lora.inject import adapted_modules, candidate_modules, find_targets, inject_lora, matches_target, short_names
+from lora.layer import LoRALinear, check_hyperparameters
 from lora.pissa import pissa_to_lora, pissa_to_lora_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -54,15 +56,32 @@ def adapter_key(module_name: str, matrix: str) -> str:
     return f"{KEY_PREFIX}{module_name}.{matrix}.weight"
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA A and B (and DoRA magnitude) of ``model`` under peft's key names (detached, not copied)."""
-    tensors = {}
-    for name, layer in lora_layers(model):
-        tensors[adapter_key(name, "lora_A")] = layer.lora_A.weight.detach()
-        tensors[adapter_key(name, "lora_B")] = layer.lora_B.weight.detach()
-        if isinstance(layer, DoRALinear):
-            tensors[KEY_PREFIX + magnitude_key(name)] = layer.lora_magnitude_vector.detach()
+def layer_tensors(name: str, layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The trained tensors of the LoRA module ``layer`` at ``name``, under peft's file keys."""
+    if isinstance(layer, LoRAEmbedding):
+        return {f"{KEY_PREFIX}{name}.lora_embedding_A": layer.lora_embedding_A,
+                f"{KEY_PREFIX}{name}.lora_embedding_B": layer.lora_embedding_B}
+    tensors = {adapter_key(name, "lora_A"): layer.lora_A.weight, adapter_key(name, "lora_B"): layer.lora_B.weight}
+    if isinstance(layer, DoRALinear):
+        tensors[KEY_PREFIX + magnitude_key(name)] = layer.lora_magnitude_vector
     return tensors
+
+
+def layer_shapes(name: str, module: nn.Module, r: int, use_dora: bool) -> dict[str, tuple[int, ...]]:
+    """The shapes ``layer_tensors`` will have once the target ``module`` at ``name`` is adapted with rank ``r``."""
+    if isinstance(module, nn.Embedding):
+        return {f"{KEY_PREFIX}{name}.lora_embedding_A": (r, module.num_embeddings),
+                f"{KEY_PREFIX}{name}.lora_embedding_B": (module.embedding_dim, r)}
+    shapes = {adapter_key(name, "lora_A"): (r, module.in_features), adapter_key(name, "lora_B"): (module.out_features, r)}
+    if use_dora:
+        shapes[KEY_PREFIX + magnitude_key(name)] = (module.out_features,)
+    return shapes
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every LoRA A and B (DoRA magnitudes, embedding adapters) of ``model`` under peft's keys (detached, not copied)."""
+    return {key: tensor.detach() for name, layer in adapted_modules(model)
+            for key, tensor in layer_tensors(name, layer).items()}
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -75,20 +94,22 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         ValueError: ``model`` has no LoRA layers, or its layers disagree on r, alpha, dropout or
             use_rslora (peft's config holds one value of each).
     """
-    layers = dict(lora_layers(model))
+    layers = dict(adapted_modules(model))
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call inject_lora(model) first")
+    # An embedding adapter has r and alpha only: no dropout, plain scaling and start (lora/embedding.py).
+    plain = {"dropout": 0.0, "use_rslora": False, "init_lora_weights": True}
     settings = {}
     for field, attribute in (("r", "r"), ("lora_alpha", "alpha"), ("lora_dropout", "dropout"),
                              ("use_rslora", "use_rslora"), ("init_lora_weights", "init_lora_weights")):
-        values = sorted({getattr(layer, attribute) for layer in layers.values()}, key=str)
+        values = sorted({getattr(layer, attribute, plain.get(attribute)) for layer in layers.values()}, key=str)
         if len(values) > 1:
             raise ValueError(f"LoRA layers have different {field} values {values}; one adapter file holds one")
         settings[field] = values[0]
-    kinds = {isinstance(layer, DoRALinear) for layer in layers.values()}
+    kinds = {isinstance(layer, DoRALinear) for layer in layers.values() if not isinstance(layer, LoRAEmbedding)}
     if len(kinds) > 1:
         raise ValueError("some LoRA layers are DoRA and some are not; one adapter file holds one kind")
-    settings["use_dora"] = kinds.pop()
+    settings["use_dora"] = kinds.pop() if kinds else False
 
     names = list(layers)
     short = short_names(names)
@@ -219,19 +240,19 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     r, alpha, dropout = config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0)
     use_rslora, use_dora = bool(config.get("use_rslora")), bool(config.get("use_dora"))
     init = "pissa" if config.get("init_lora_weights") == "pissa" else "lora"
-    existing = dict(lora_layers(model))
+    existing = dict(adapted_modules(model))
     if existing and init == "pissa":
         raise ValueError(f"{config_path}: a PiSSA adapter (init_lora_weights: pissa) needs the original base, whose "
                          "SVD loading takes again; load it into a model without LoRA")
     if existing:
         for name, layer in existing.items():
             for field, attribute, wanted in (("lora_alpha", "alpha", alpha), ("use_rslora", "use_rslora", use_rslora)):
-                if getattr(layer, attribute) != wanted:
+                if getattr(layer, attribute, False) != wanted:
                     raise ValueError(
                         f"{config_path}: {field} is {wanted} but {name} has {attribute} {getattr(layer, attribute)}; "
                         "load into a model without LoRA to take the adapter's settings"
                     )
-            if isinstance(layer, DoRALinear) != use_dora:
+            if isinstance(layer, LoRALinear) and isinstance(layer, DoRALinear) != use_dora:
                 raise ValueError(f"{config_path}: use_dora is {use_dora} but {name} is "
                                  f"{'' if isinstance(layer, DoRALinear) else 'not '}a DoRA layer; "
                                  "load into a model without LoRA to take the adapter's settings")
@@ -240,12 +261,18 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     else:
         shapes = {}
         for name in find_targets(model, config["target_modules"]):
-            linear = model.get_submodule(name)
-            shapes[adapter_key(name, "lora_A")] = (r, linear.in_features)
-            shapes[adapter_key(name, "lora_B")] = (linear.out_features, r)
-            if use_dora:
-                shapes[KEY_PREFIX + magnitude_key(name)] = (linear.out_features,)
+            shapes.update(layer_shapes(name, model.get_submodule(name), r, use_dora))
 
+    for key in list(tensors):
+        name = key[len(KEY_PREFIX):].removesuffix(".base_layer.weight")
+        if key.endswith(".base_layer.weight") and f"{KEY_PREFIX}{name}.lora_embedding_A" in shapes:
+            # peft's save_pretrained also writes the whole table of an adapted embedding. Loading it would put
+            # that table in place of the model's; it is only safe when it is the model's table already.
+            embedding = model.get_submodule(name)
+            table = (embedding.base_layer if isinstance(embedding, LoRAEmbedding) else embedding).weight
+            if not torch.equal(tensors.pop(key).to(table.dtype), table.detach()):
+                raise ValueError(f"{weights_path}: {key} is a copy of the embedding table that differs from this "
+                                 "model's; load the adapter on the base model it was saved from")
     for key in tensors:
         if key not in shapes:
             raise ValueError(f"{weights_path}: unexpected tensor {key}; the model has no LoRA layer of that name")
@@ -261,15 +288,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     if not existing:
         inject_lora(model, config["target_modules"], r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora,
                     init=init, use_dora=use_dora)
-    layers = dict(lora_layers(model))
+    layers = dict(adapted_modules(model))
     with torch.no_grad():
         for name, layer in layers.items():
             was_merged = layer.merged
             layer.unmerge()  # a merged W holds the old ΔW: take it out before A and B change
-            layer.lora_A.weight.copy_(tensors[adapter_key(name, "lora_A")])
-            layer.lora_B.weight.copy_(tensors[adapter_key(name, "lora_B")])
-            if isinstance(layer, DoRALinear):
-                layer.lora_magnitude_vector.copy_(tensors[KEY_PREFIX + magnitude_key(name)])
+            for key, parameter in layer_tensors(name, layer).items():
+                parameter.copy_(tensors[key])
             if was_merged:
                 layer.merge()
     return list(layers)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lora.dora import DoRALinear
+from lora.embedding import LoRAEmbedding
 from lora.layer import LoRALinear, check_hyperparameters
 from lora.nf4 import NF4Linear
 from lora.pissa import pissa_init_
@@ -29,17 +30,28 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
             yield name, module
 
 
+def adapted_modules(model: nn.Module) -> Iterator[tuple[str, LoRALinear | LoRAEmbedding]]:
+    """Yield ``(name, module)`` for every LoRA module of ``model``: each ``LoRALinear`` and ``LoRAEmbedding``.
+
+    Both hold ``base_layer``, ``merge``/``unmerge`` and ``disabled``; their A and B differ in shape and
+    name (``lora_A.weight`` against ``lora_embedding_A``), so code that reads A and B uses ``lora_layers``.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            yield name, module
+
+
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for the submodules a target name is matched against.
 
-    That is every named submodule except the insides of LoRA layers (their ``base_layer``,
+    That is every named submodule except the insides of LoRA modules (their ``base_layer``,
     ``lora_A`` and ``lora_B``), which are parts of an adapted layer, not targets themselves.
     """
     inside = None  # the name prefix of the LoRA layer being skipped; named_modules is pre-order
     for name, module in model.named_modules():
         if not name or (inside and name.startswith(inside)):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
             inside = name + "."
         yield name, module
 
@@ -77,13 +89,13 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     for name, module in candidate_modules(model):
         if not matches_target(name, target_modules):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
             raise ValueError(f"{name} already has LoRA; inject once, or merge_and_unload(model) first")
-        if not isinstance(module, (nn.Linear, NF4Linear)):
+        if not isinstance(module, (nn.Linear, NF4Linear, nn.Embedding)):
             raise TypeError(
-                f"{name} matches {target_modules!r} but is a {type(module).__name__}, not an nn.Linear; "
-                "LoRALinear wraps nn.Linear (or its 4-bit NF4Linear) only: choose Linear targets "
-                "(see find_linear_modules(model))"
+                f"{name} matches {target_modules!r} but is a {type(module).__name__}, not an nn.Linear or "
+                "nn.Embedding; LoRA here wraps those (and the 4-bit NF4Linear) only: choose Linear targets "
+                "(see find_linear_modules(model)) or an embedding"
             )
         targets.append(name)
     if not targets:
@@ -117,6 +129,10 @@ def inject_lora(
             each W, the rest of W left frozen (``lora/pissa.py``; the model's output is unchanged).
         use_dora: a ``DoRALinear`` (``lora/dora.py``) in place of each ``LoRALinear``: a trained
             magnitude per output beside the low-rank direction (DoRA).
+
+    A target that is an ``nn.Embedding`` (``embed_tokens``) gets a ``LoRAEmbedding``
+    (``lora/embedding.py``: A zero, B normal, no dropout, as peft's); rsLoRA, DoRA and PiSSA are
+    for Linear layers and refuse it.
         adapter_dtype: the dtype of every A and B; None takes each base weight's. Training on a
             bf16 base passes float32: the small updates AdamW makes to A and B would round away
             in bf16, whose spacing just above 1 is 2^-7 (torch.finfo(torch.bfloat16).eps).
@@ -141,13 +157,20 @@ def inject_lora(
                                                  and r > min(module.in_features, module.out_features)):
                 raise ValueError(f"{name}: PiSSA takes the SVD of a full-precision weight with at least r={r} "
                                  "singular values; inject before quantize_model, with r <= min(in, out)")
+    embeddings = [name for name in targets if isinstance(model.get_submodule(name), nn.Embedding)]
+    if embeddings and (use_dora or use_rslora or init != "lora"):
+        raise ValueError(f"{embeddings[0]} is an embedding, which this library adapts with plain LoRA only; "
+                         "leave it out of the targets, or drop use_dora, use_rslora and init='pissa'")
     if use_dora and any(isinstance(model.get_submodule(name), NF4Linear) for name in targets):
         raise ValueError("DoRA needs the base weight in full precision for its row norms on every forward; a 4-bit "
                          "base (QDoRA) is not supported: use_dora=False, or inject before quantize_model")
     layer_class = DoRALinear if use_dora else LoRALinear
     for name in targets:
-        layer = layer_class(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype,
-                            use_rslora=use_rslora)
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            layer = LoRAEmbedding(module, r=r, alpha=alpha, dtype=adapter_dtype)
+        else:
+            layer = layer_class(module, r=r, alpha=alpha, dropout=dropout, dtype=adapter_dtype, use_rslora=use_rslora)
         model.set_submodule(name, layer, strict=True)
     if init == "pissa":  # checked above, before anything changed: full-precision bases, r within the shapes
         for name in targets:
@@ -163,7 +186,7 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
     """``requires_grad`` True on every LoRA layer's own parameters (A and B; DoRA's magnitude too), False on
     every other parameter."""
     model.requires_grad_(False)
-    for _, layer in lora_layers(model):
+    for _, layer in adapted_modules(model):
         layer.requires_grad_(True)
         layer.base_layer.requires_grad_(False)
 
@@ -174,7 +197,7 @@ def disable_lora(model: nn.Module):
 
     Merged layers are unmerged for the block and merged again afterwards.
     """
-    layers = [layer for _, layer in lora_layers(model)]
+    layers = [layer for _, layer in adapted_modules(model)]
     merged = [layer for layer in layers if layer.merged]
     for layer in merged:
         layer.unmerge()

@@ -522,3 +522,11 @@ def test_use_dora_trains_a_b_and_m_and_its_adapter_loads_as_dora(tmp_path):
 def test_use_dora_with_a_4bit_base_or_the_fused_path_is_one_line_exit_2(tmp_path, capsys, argv, message):
     assert main(run_args(tmp_path, *argv)) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_embedding_target_trains_and_its_adapter_loads(tmp_path):
+    assert main(run_args(tmp_path, "--max-steps", "2", "--targets", "embed_tokens,q_proj,v_proj")) == 0
+    model = tiny_model("tiny-llama")
+    load_adapter(model, tmp_path / "run" / "adapter")
+    assert type(model.model.embed_tokens).__name__ == "LoRAEmbedding"
+    assert model.model.embed_tokens.lora_embedding_A.abs().sum() > 0  # it trained: A starts at zero

@@ -12,13 +12,13 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import token_batch
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from conftest import randomize_lora, token_batch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from lora import inject_lora
+from lora import inject_lora, load_adapter, save_adapter
 from lora.embedding import LoRAEmbedding, modules_sharing_weight
 from models.loader import TINY_SHAPE, tiny_model
 
@@ -335,3 +335,56 @@ def test_unsupported_bases_are_refused_by_name(base, error, message):
 def test_bad_rank_is_refused():
     with pytest.raises(ValueError, match="r must be a positive integer"):
         LoRAEmbedding(nn.Embedding(10, 4), r=0, alpha=4)
+
+
+# --- Through inject_lora, save_adapter, load_adapter and the loop ----------------------------------------------
+
+
+def test_inject_lora_wraps_a_targeted_embedding_and_equals_peft(base):
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["embed_tokens", *LINEAR_TARGETS], r=4, alpha=8)
+    assert isinstance(ours.model.embed_tokens, LoRAEmbedding)
+    randomize(ours.model.embed_tokens)
+    randomize_lora(ours)
+    theirs = peft_model(base)
+    with torch.no_grad():
+        for name, parameter in ours.named_parameters():
+            if parameter.requires_grad:
+                theirs.base_model.model.get_parameter(peft_parameter_name(name)).copy_(parameter)
+    ids = token_batch(base)
+    with torch.no_grad():
+        assert_close(ours(ids).logits, theirs(ids).logits, **EXACT)
+
+
+def test_embedding_adapter_saved_here_loads_in_peft_and_peft_s_loads_here(base, tmp_path):
+    ours, _, theirs = ours_and_peft(base)
+    save_adapter(ours, tmp_path / "ours")
+    ids = token_batch(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's tied-weights and embedding-saving notices
+        loaded_in_peft = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+        theirs.save_pretrained(tmp_path / "theirs")  # with a copy of the whole table, as peft saves embeddings
+    with torch.no_grad():
+        assert_close(loaded_in_peft(ids).logits, ours(ids).logits, **EXACT)
+    loaded_here = copy.deepcopy(base)
+    load_adapter(loaded_here, tmp_path / "theirs")
+    with torch.no_grad():
+        assert_close(loaded_here(ids).logits, ours(ids).logits, **EXACT)
+
+
+def test_peft_s_copy_of_another_embedding_table_is_refused_by_name(tmp_path):
+    base = tiny_model("tiny-llama")
+    _, _, theirs = ours_and_peft(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path)
+    other = tiny_model("tiny-llama", seed=1)
+    with pytest.raises(ValueError, match=r"base_model\.model\.model\.embed_tokens\.base_layer\.weight is a copy of "
+                                         r"the embedding table that differs from this model's"):
+        load_adapter(other, tmp_path)
+
+
+@pytest.mark.parametrize("options", [dict(use_dora=True), dict(use_rslora=True), dict(init="pissa")])
+def test_embedding_targets_with_dora_rslora_or_pissa_are_refused_by_name(options):
+    with pytest.raises(ValueError, match="model.embed_tokens is an embedding, which this library adapts with plain"):
+        inject_lora(tiny_model("tiny-llama"), ["embed_tokens", "q_proj"], r=4, alpha=8, **options)
