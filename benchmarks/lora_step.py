@@ -8,11 +8,14 @@ them all alike:
   work any LoRA on every layer can do (the backward must still pass through every layer);
 - peft: Hugging Face peft's LoRA on the same modules;
 - plain: ``LoRALinear`` on its plain path, the default (peft's operations, op for op);
-- fused: ``LoRALinear`` on its opt-in fused path (``lora/fused.py``, ``use_fused_lora(model, True)``).
+- fused: ``LoRALinear`` on its opt-in fused path (``lora/fused.py``, ``use_fused_lora(model, True)``);
+- dora, peft-dora (asked for with ``--variants``): DoRA here (``lora/dora.py``) and in peft, what
+  its magnitude and the row norms of W + sBA cost a step against plain LoRA.
 
     python -m benchmarks.lora_step                       # the embedded model, batch 4 x 256, r 8, float32
     python -m benchmarks.lora_step --precision bf16 --r 64 --dropout 0.05
     python -m benchmarks.lora_step --memory              # peak memory, each variant in its own process
+    python -m benchmarks.lora_step --variants floor,plain,dora,peft-dora --memory    # DoRA's cost
 
 The device is chosen automatically (CUDA when present); bf16 means autocast, as in the loop.
 """
@@ -33,7 +36,8 @@ from transformers import AutoModelForCausalLM, Qwen2Config
 from lora import disable_lora, inject_lora, parse_targets, use_fused_lora
 from models.loader import EMBEDDED, load_model
 
-VARIANTS = ("floor", "peft", "plain", "fused")
+VARIANTS = ("floor", "peft", "plain", "fused")  # the default set
+DORA_VARIANTS = ("dora", "peft-dora")
 
 # Random models with a real model's shape: speed does not depend on the weights' values, and
 # these need no download. Qwen2.5-0.5B's shape, from its config.json.
@@ -57,12 +61,13 @@ def build(base, variant: str, r: int, dropout: float, targets: list[str], device
     model = (copy.deepcopy(base) if copy_base else base).to(device).train()
     model.requires_grad_(False)  # the floor trains nothing; the LoRA variants unfreeze A and B only
     torch.manual_seed(0)
-    if variant == "peft":
+    if variant in ("peft", "peft-dora"):
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets))
-    elif variant in ("plain", "fused"):
-        inject_lora(model, targets, r=r, alpha=2 * r, dropout=dropout)
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=targets,
+                                                 use_dora=variant == "peft-dora"))
+    elif variant in ("plain", "fused", "dora"):
+        inject_lora(model, targets, r=r, alpha=2 * r, dropout=dropout, use_dora=variant == "dora")
         use_fused_lora(model, variant == "fused")
     if variant != "floor":
         for name, parameter in model.named_parameters():  # B = 0 would make some products trivially cheap
@@ -192,6 +197,9 @@ def main(argv=None) -> int:
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.targets, args.variants = parse_targets(args.targets), args.variants.split(",")
+    unknown = [variant for variant in args.variants if variant not in VARIANTS + DORA_VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown[0]!r}; choose from {', '.join(VARIANTS + DORA_VARIANTS)}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.child_memory:
         child_memory(args, device)

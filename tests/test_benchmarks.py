@@ -28,6 +28,17 @@ def test_lora_step_benchmark_reports_every_variant_against_the_floor_and_peft(ca
     assert rows[0][5] == "1.000" and rows[1][6] == "1.000"  # the floor against itself, peft against itself
 
 
+def test_lora_step_benchmark_times_dora_here_and_in_peft_against_plain_lora(capsys):
+    assert lora_step(["--model", "tiny-llama", "--warmup", "0", "--steps", "2", "--variants", "plain,dora,peft-dora"]) == 0
+    assert [row[0] for row in table_rows(capsys.readouterr().out)] == ["plain", "dora", "peft-dora"]
+
+
+def test_lora_step_benchmark_refuses_an_unknown_variant_by_name(capsys):
+    with pytest.raises(SystemExit):
+        lora_step(["--variants", "plain,doraa"])
+    assert "--variants: unknown 'doraa'; choose from floor, peft, plain, fused, dora, peft-dora" in capsys.readouterr().err
+
+
 def test_inference_benchmark_reports_base_unmerged_and_merged(capsys):
     assert inference(["--model", "tiny-llama", "--batch", "1", "--seq", "16", "--new-tokens", "2", "--steps", "1"]) == 0
     rows = table_rows(capsys.readouterr().out)
