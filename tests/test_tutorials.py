@@ -17,9 +17,9 @@ from tutorials.chapters import FOLDER, blocks, chapters, normalize, run_block, s
 TUTORIALS = chapters()
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
 SLOW = {"03_targets_and_injection.md", "04_data.md", "07_a_real_model_learns.md", "08_rank_and_alpha.md",
-        "09_is_delta_w_low_rank.md", "10_qlora_nf4.md"}
+        "09_is_delta_w_low_rank.md", "11_qlora_nf4.md"}
 # Chapters that launch torchrun run with the distributed tests.
-DISTRIBUTED = {"11_distributed.md"}
+DISTRIBUTED = {"12_distributed.md"}
 
 
 def test_every_output_block_follows_a_python_block():
