@@ -187,8 +187,9 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
     every other parameter."""
     model.requires_grad_(False)
     for _, layer in adapted_modules(model):
-        layer.requires_grad_(True)
-        layer.base_layer.requires_grad_(False)
+        for name, parameter in layer.named_parameters():
+            if not name.startswith("base_layer."):  # a 4-bit base holds uint8 codes, which cannot require grad
+                parameter.requires_grad_(True)
 
 
 @contextmanager
