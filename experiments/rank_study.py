@@ -228,6 +228,16 @@ def machine() -> str:
     return f"{name}, {threads} torch thread{'' if threads == 1 else 's'}, torch {torch.__version__}"
 
 
+def rerun_command(module: str, argv: list[str] | None) -> str:
+    """The command line that reruns this study, for its report: ``argv`` (or the process's), with OMP_NUM_THREADS.
+
+    The thread count is part of how to rerun it: on a CPU shared with other jobs, OMP_NUM_THREADS=1
+    avoids threads spinning against each other (about 30x faster there than 2 threads each).
+    """
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return " ".join([f"{threads}python -m {module}", *(sys.argv[1:] if argv is None else argv)])
+
+
 def findings(rows: list[dict]) -> list[str]:
     """Sentences stating what the numbers show, computed from them: each rule's range over r, where
     the two rules part, and the order of the Table 5 target sets."""
@@ -315,10 +325,7 @@ def main(argv=None) -> int:
     except ValueError as error:
         parser.error(str(error))  # one line and exit status 2
     start = time.perf_counter()
-    # The thread count is part of how to rerun it: on a CPU shared with other jobs, OMP_NUM_THREADS=1
-    # avoids threads spinning against each other (about 30x faster there than 2 threads each).
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = " ".join([f"{threads}python -m experiments.rank_study", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("experiments.rank_study", argv)
     with tempfile.TemporaryDirectory(prefix="rank_study-") as temporary:
         rows = run_study(config, Path(config.runs_folder or temporary))
     path = write_report(rows, config, command, time.perf_counter() - start)

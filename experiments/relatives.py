@@ -31,7 +31,6 @@ The run folders (adapters, metrics) go to ``--runs-folder``, a temporary folder 
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data.tasks import build_task
-from experiments.rank_study import machine
+from experiments.rank_study import machine, rerun_command
 from lora import count_parameters, inject_lora, parse_targets
 from models.loader import EMBEDDED, load_config, load_tokenizer
 from training.config import TrainConfig
@@ -348,8 +347,7 @@ def main(argv=None) -> int:
         Path(row_out).write_text(json.dumps(row) + "\n")
         return 0
     start = time.perf_counter()
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    command = " ".join([f"{threads}python -m experiments.relatives", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("experiments.relatives", argv)
     with tempfile.TemporaryDirectory(prefix="relatives-") as temporary:
         rows = run_study(config, Path(config.runs_folder or temporary))
     path = write_report(rows, config, command, time.perf_counter() - start)

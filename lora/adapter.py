@@ -72,14 +72,15 @@ def layer_shapes(name: str, module: nn.Module, r: int, use_dora: bool) -> dict[s
     if isinstance(module, nn.Embedding):
         return {f"{KEY_PREFIX}{name}.lora_embedding_A": (r, module.num_embeddings),
                 f"{KEY_PREFIX}{name}.lora_embedding_B": (module.embedding_dim, r)}
-    shapes = {adapter_key(name, "lora_A"): (r, module.in_features), adapter_key(name, "lora_B"): (module.out_features, r)}
+    shapes = {adapter_key(name, "lora_A"): (r, module.in_features),
+              adapter_key(name, "lora_B"): (module.out_features, r)}
     if use_dora:
         shapes[KEY_PREFIX + magnitude_key(name)] = (module.out_features,)
     return shapes
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA A and B (DoRA magnitudes, embedding adapters) of ``model`` under peft's keys (detached, not copied)."""
+    """Every LoRA A and B (and DoRA magnitude, embedding adapter) of ``model`` under peft's keys (detached)."""
     return {key: tensor.detach() for name, layer in adapted_modules(model)
             for key, tensor in layer_tensors(name, layer).items()}
 

@@ -317,10 +317,9 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     # 5. The run folder and the state to start from (step 0, or the resumed checkpoint's).
     run, state = open_run(config, resume, model, optimizer, scaler, world)
     metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
-    rslora = " (rsLoRA: scaling alpha / sqrt(r))" if config.use_rslora else ""
-    rslora += ", DoRA" if config.use_dora else ""
-    rslora += ", PiSSA start" if config.init == "pissa" else ""
-    say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha}{rslora} "
+    variants = (" (rsLoRA: scaling alpha / sqrt(r))" if config.use_rslora else "") + \
+        (", DoRA" if config.use_dora else "") + (", PiSSA start" if config.init == "pissa" else "")
+    say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha}{variants} "
         f"on {len(targets)} modules ({config.targets}), {config.lora_path} path")
     say(parameters_line)
     say(data.description)
