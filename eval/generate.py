@@ -38,13 +38,14 @@ import argparse
 import inspect
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 
 from data.sequences import pad_token_id
 from eval.cli import add_model_arguments, load_model_and_adapter
 from eval.mode import eval_mode
-from lora import disable_lora
+from lora import disable_lora, mixed_batch
 
 # Out-of-distribution instructions for --novel: nothing like them is in the training data, so the
 # adapter's answers show what fine-tuning did to the model's general behaviour.
@@ -300,6 +301,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     samples_per_prompt: int = 1,
     stop_when: Callable[[str], bool] | None = None,
+    adapter_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Continue each row of ``input_ids`` ``samples_per_prompt`` times; return the new token ids.
 
@@ -330,6 +332,8 @@ def generate(
         attention_mask: ``(batch, prompt)``, 0 on left padding; None when there is none.
         samples_per_prompt: rows generated from each prompt (K samples); 1 by default.
         stop_when: a test on a row's new text that ends the row when true, e.g. "holds 10 ';'".
+        adapter_names: one named adapter per prompt (``lora/named.py``; ``"__base__"``: none), each
+            row generated with its own in one mixed batch (``lora/mixed.py``); None: the active adapter.
 
     Raises:
         ValueError: max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1],
@@ -337,7 +341,10 @@ def generate(
     """
     check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer, samples_per_prompt,
                      stop_when)
-    with eval_mode(model):  # no dropout while generating; the caller's train/eval mode comes back after
+    # No dropout while generating (the caller's train/eval mode comes back after); with adapter_names,
+    # every row through its own adapter (``row_adapters`` follows the rows the loop repeats and drops).
+    mixing = mixed_batch(model, adapter_names) if adapter_names is not None else nullcontext()
+    with eval_mode(model), mixing as row_adapters:
         generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
         stops = bool(stop_strings) or stop_when is not None
         # After a row finishes, its positions hold the EOS id; with stop conditions alone, the tokenizer's pad id.
@@ -352,6 +359,8 @@ def generate(
         #    prompt 0 x K, prompt 1 x K, ...), the prompt's work done once. The samples part from the first token on.
         if samples_per_prompt > 1:
             cache.batch_repeat_interleave(samples_per_prompt)
+            if row_adapters is not None:
+                row_adapters.repeat_interleave(samples_per_prompt)
             logits = logits.repeat_interleave(samples_per_prompt, dim=0)
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(samples_per_prompt, dim=0)
@@ -379,6 +388,8 @@ def generate(
                 keep = (~finished).nonzero().flatten()
                 live, next_ids = live[keep], next_ids[keep]
                 cache.batch_select_indices(keep)
+                if row_adapters is not None:
+                    row_adapters.select(keep)
                 if attention_mask is not None:
                     attention_mask = attention_mask[keep]
             if len(live) == 0 or step == max_new_tokens - 1:

@@ -7,10 +7,13 @@ Read in this order: ``layer`` (the LoRA layer), ``inject`` (putting it into a mo
 frozen base: QLoRA). Then LoRA's relatives, each a small change to the plain layer and each equal
 to peft's: rsLoRA (``use_rslora``, in ``layer``), ``dora`` (a trained magnitude per output),
 ``pissa`` (A and B from W's principal singular vectors), ``loraplus`` (B at a higher learning
-rate than A) and ``embedding`` (LoRA on an ``nn.Embedding``).
+rate than A) and ``embedding`` (LoRA on an ``nn.Embedding``). Then many adapters on one base:
+``named`` (add, switch, delete), ``combine`` (a weighted combination of adapters) and ``mixed``
+(each row of a batch through its own adapter).
 """
 
-from lora.adapter import adapter_config, adapter_state_dict, load_adapter, save_adapter
+from lora.adapter import adapter_config, adapter_state_dict, load_adapter, load_adapters, save_adapter, save_adapters
+from lora.combine import add_weighted_adapter
 from lora.dora import DoRALinear
 from lora.embedding import LoRAEmbedding
 from lora.fused import fused_lora
@@ -27,6 +30,8 @@ from lora.inject import (
 from lora.layer import LoRALinear
 from lora.loraplus import loraplus_optimizer, loraplus_parameter_groups
 from lora.merge import merge_and_unload, merge_lora, unmerge_lora
+from lora.mixed import mixed_batch
+from lora.named import active_adapter, add_adapter, adapter_names, delete_adapter, set_adapter
 from lora.nf4 import NF4Linear, dequantize_model, quantize_model
 from lora.parameters import cast_frozen, count_parameters, print_trainable_parameters, trainable_parameters_line
 from lora.pissa import pissa_init_, pissa_to_lora
@@ -36,29 +41,38 @@ __all__ = [
     "LoRAEmbedding",
     "LoRALinear",
     "NF4Linear",
+    "active_adapter",
     "adapted_modules",
     "adapter_config",
+    "adapter_names",
     "adapter_state_dict",
+    "add_adapter",
+    "add_weighted_adapter",
     "cast_frozen",
     "count_parameters",
+    "delete_adapter",
     "dequantize_model",
     "disable_lora",
     "find_linear_modules",
     "fused_lora",
     "inject_lora",
     "load_adapter",
+    "load_adapters",
     "lora_layers",
     "loraplus_optimizer",
     "loraplus_parameter_groups",
     "mark_only_lora_trainable",
     "merge_and_unload",
     "merge_lora",
+    "mixed_batch",
     "parse_targets",
     "pissa_init_",
     "pissa_to_lora",
     "print_trainable_parameters",
     "quantize_model",
     "save_adapter",
+    "save_adapters",
+    "set_adapter",
     "trainable_parameters_line",
     "unmerge_lora",
     "use_fused_lora",

@@ -10,6 +10,11 @@ An adapter folder holds two files and nothing of the base model:
   ``lora_dropout``, ``use_rslora``, ``use_dora``, ``init_lora_weights``, ``target_modules``, ``bias``
   and ``base_model_name_or_path``.
 
+A model holding several named adapters (``lora/named.py``) is saved as peft saves one:
+``save_adapters`` writes the adapter ``"default"`` into the folder itself and each other adapter
+into a subfolder of its name, each a folder as above; ``load_adapter(..., adapter_name=...)``
+loads one under a name, ``load_adapters`` the whole folder.
+
 safetensors stores raw tensors, so loading an adapter never unpickles (never runs) anything.
 """
 
@@ -27,6 +32,7 @@ from lora.dora import DoRALinear, magnitude_key
 from lora.embedding import LoRAEmbedding
 from lora.inject import adapted_modules, candidate_modules, find_targets, inject_lora, matches_target, short_names
 from lora.layer import LoRALinear, check_hyperparameters
+from lora.named import DEFAULT, adapter_active, adapter_layers, adapter_names, new_adapter
 from lora.pissa import pissa_to_lora, pissa_to_lora_config
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -79,14 +85,23 @@ def layer_shapes(name: str, module: nn.Module, r: int, use_dora: bool) -> dict[s
     return shapes
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every LoRA A and B (and DoRA magnitude, embedding adapter) of ``model`` under peft's keys (detached)."""
-    return {key: tensor.detach() for name, layer in adapted_modules(model)
+def lora_modules(model: nn.Module, adapter_name: str | None = None) -> dict[str, nn.Module]:
+    """``{module path: LoRA module}`` of the adapter ``adapter_name`` of ``model``; None: the active one."""
+    return dict(adapted_modules(model)) if adapter_name is None else adapter_layers(model, adapter_name)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
+    """Every LoRA A and B (and DoRA magnitude, embedding adapter) of ``model`` under peft's keys (detached).
+
+    ``adapter_name``: that named adapter's (``lora/named.py``), active or not; None: the active one's.
+    """
+    return {key: tensor.detach() for name, layer in lora_modules(model, adapter_name).items()
             for key, tensor in layer_tensors(name, layer).items()}
 
 
-def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
-    """The ``adapter_config.json`` contents for the LoRA layers of ``model``.
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None,
+                   adapter_name: str | None = None) -> dict:
+    """The ``adapter_config.json`` contents for the LoRA layers of ``model`` (of its adapter ``adapter_name``).
 
     ``target_modules`` is written as the short names (``["q_proj", "v_proj"]``) when those
     select exactly the adapted layers, else as the full module names.
@@ -95,7 +110,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         ValueError: ``model`` has no LoRA layers, or its layers disagree on r, alpha, dropout or
             use_rslora (peft's config holds one value of each).
     """
-    layers = dict(adapted_modules(model))
+    layers = lora_modules(model, adapter_name)
     if not layers:
         raise ValueError("the model has no LoRA layers to save; call inject_lora(model) first")
     # An embedding adapter has r and alpha only: no dropout, plain scaling and start (lora/embedding.py).
@@ -131,7 +146,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None,
                  tensors: dict[str, torch.Tensor] | None = None,
-                 initial: dict[str, torch.Tensor] | None = None) -> Path:
+                 initial: dict[str, torch.Tensor] | None = None, adapter_name: str | None = None) -> Path:
     """Write the LoRA weights and config of ``model`` to ``folder`` (created if needed); return the folder.
 
     The folder loads with ``load_adapter`` and with ``peft.PeftModel.from_pretrained``. The two
@@ -148,6 +163,7 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
             adapter (``lora/pissa.py``: ``pissa_to_lora``), which loads anywhere LoRA does.
             Without it a PiSSA adapter is written as it is, ``init_lora_weights: "pissa"``, and
             loading redoes the SVD on the original base.
+        adapter_name: which named adapter to write (``lora/named.py``), active or not; None: the active one.
 
     Raises:
         ValueError: ``model`` has no LoRA layers (see ``adapter_config``), or ``folder`` holds
@@ -155,25 +171,88 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_model_name_or
         NotADirectoryError: ``folder`` is a file.
     """
     folder = Path(folder)
-    config = adapter_config(model, base_model_name_or_path)
-    tensors = adapter_state_dict(model) if tensors is None else tensors
+    config = adapter_config(model, base_model_name_or_path, adapter_name)
+    tensors = adapter_state_dict(model, adapter_name) if tensors is None else tensors
     if initial is not None:
         if config["init_lora_weights"] != "pissa":
             raise ValueError("initial is for converting a PiSSA adapter; this model's LoRA started as plain LoRA")
         tensors, config = pissa_to_lora(initial, tensors), pissa_to_lora_config(config)
-    tensors = {key: tensor.contiguous() for key, tensor in tensors.items()}
-    if folder.is_dir():
-        others = sorted(path.name for path in folder.iterdir() if path.name not in (WEIGHTS_NAME, CONFIG_NAME))
-        if others:
-            raise ValueError(f"{folder} holds {others[0]}, not only an adapter; saving replaces the whole folder, "
-                             "so choose a new or empty one")
+    check_replaceable(folder, subfolders=False)
+    replace_folder_atomically(folder, lambda temporary: write_adapter_files(temporary, tensors, config))
+    return folder
+
+
+def write_adapter_files(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Write ``tensors`` and ``config`` into ``folder`` (which exists) as an adapter's two files."""
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, folder / WEIGHTS_NAME,
+              metadata={"format": "pt"})
+    (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def check_replaceable(folder: Path, subfolders: bool) -> None:
+    """Raise unless ``folder`` is missing or holds only an adapter's files (and, with ``subfolders``, folders of
+    adapter files, as ``save_adapters`` writes): saving replaces the whole folder, and must delete nothing else."""
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.iterdir()):
+        inside = sorted(path.iterdir()) if subfolders and path.is_dir() else [path]
+        for other in inside:
+            if other.name not in (WEIGHTS_NAME, CONFIG_NAME) or not other.is_file():
+                raise ValueError(f"{folder} holds {other.relative_to(folder)}, not only an adapter; saving replaces "
+                                 "the whole folder, so choose a new or empty one")
+
+
+def save_adapters(model: nn.Module, folder: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write every named adapter of ``model`` (``lora/named.py``) into ``folder``, in peft's layout; return the folder.
+
+    The adapter ``"default"`` goes into ``folder`` itself, each other one into ``folder/<name>``,
+    as peft's ``save_pretrained`` writes a model with several adapters. Each is an adapter folder
+    as ``save_adapter`` writes one, so ``load_adapter(model, folder / name, adapter_name=name)``
+    and peft's ``load_adapter(folder / name, adapter_name=name)`` read it; ``load_adapters`` reads
+    them all. The whole tree is written beside ``folder`` and swapped in at once.
+
+    Raises:
+        ValueError: ``model`` has no LoRA layers, or ``folder`` holds anything but adapters.
+        NotADirectoryError: ``folder`` is a file.
+    """
+    folder = Path(folder)
+    names = adapter_names(model)
+    if not names:
+        raise ValueError("the model has no LoRA layers to save; call inject_lora(model) or add_adapter first")
+    adapters = {name: (adapter_state_dict(model, name), adapter_config(model, base_model_name_or_path, name))
+                for name in names}
+    check_replaceable(folder, subfolders=True)
 
     def write(temporary: Path) -> None:
-        save_file(tensors, temporary / WEIGHTS_NAME, metadata={"format": "pt"})
-        (temporary / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        for name, (tensors, config) in adapters.items():
+            where = temporary if name == DEFAULT else temporary / name
+            where.mkdir(exist_ok=True)
+            write_adapter_files(where, tensors, config)
 
     replace_folder_atomically(folder, write)
     return folder
+
+
+def load_adapters(model: nn.Module, folder: str | os.PathLike) -> list[str]:
+    """Load every adapter of a folder ``save_adapters`` (or peft's ``save_pretrained``) wrote; return their names.
+
+    The folder's own adapter, if it has one, is ``"default"``; each subfolder holding an adapter
+    is loaded under the subfolder's name (``load_adapter(..., adapter_name=...)``).
+
+    Raises:
+        FileNotFoundError: ``folder`` holds no adapter at all.
+        ValueError: as ``load_adapter`` raises.
+    """
+    folder = Path(folder)
+    found = [(DEFAULT, folder)] if (folder / CONFIG_NAME).is_file() else []
+    found += [(path.name, path) for path in sorted(folder.iterdir()) if (path / CONFIG_NAME).is_file()] \
+        if folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME} in it or in its subfolders; save_adapters or peft's "
+                                "save_pretrained writes one per adapter")
+    for name, where in found:
+        load_adapter(model, where, adapter_name=name)
+    return [name for name, _ in found]
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
@@ -211,7 +290,7 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
+def load_adapter(model: nn.Module, folder: str | os.PathLike, adapter_name: str | None = None) -> list[str]:
     """Load an adapter folder (saved here or by peft) into ``model``; return the adapted module names.
 
     A model without LoRA gets it injected first, with r, alpha, dropout and target
@@ -219,12 +298,31 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike) -> list[str]:
     the adapter's modules, with the adapter's r and alpha. Everything is checked before
     anything in ``model`` changes.
 
+    ``adapter_name`` (``lora/named.py``): a new name adds the folder as a new adapter beside the
+    others, as peft's ``load_adapter(folder, adapter_name)`` does (active only if it is the
+    model's first); the name of an adapter the model holds loads into that one. None loads into
+    the active adapter, or injects LoRA into a model without it.
+
     Raises:
         FileNotFoundError: the folder or one of its two files is missing.
         ValueError: a tensor is missing, unexpected or of the wrong shape; the config is
             malformed or asks for something other than plain LoRA.
     """
-    folder = Path(folder)
+    if adapter_name is None:
+        return load_into_model(model, Path(folder))
+    if adapter_name in adapter_names(model):
+        with adapter_active(model, adapter_name):
+            return load_into_model(model, Path(folder))
+    config = Path(folder) / CONFIG_NAME
+    if config.is_file() and adapter_names(model) and read_adapter_config(config).get("init_lora_weights") == "pissa":
+        raise ValueError(f"{config}: a PiSSA adapter needs the original base, whose SVD loading takes again, and "
+                         "changes it; load it into a model without adapters")
+    with new_adapter(model, adapter_name):
+        return load_into_model(model, Path(folder))
+
+
+def load_into_model(model: nn.Module, folder: Path) -> list[str]:
+    """``load_adapter`` into the LoRA layers in ``model``'s tree, or into a model without LoRA (injected)."""
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():

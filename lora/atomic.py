@@ -53,7 +53,7 @@ def replace_folder_atomically(folder: Path, write: Callable[[Path], None]) -> No
     new.mkdir()  # a plain mkdir, so the folder gets the permissions mkdir gives (mkdtemp's are private)
     try:
         write(new)
-        for path in new.iterdir():
+        for path in new.rglob("*"):
             if path.is_file():
                 with open(path, "rb") as written:
                     os.fsync(written.fileno())  # on disk before the rename makes them the real files

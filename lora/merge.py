@@ -3,6 +3,7 @@
 from torch import nn
 
 from lora.inject import adapted_modules
+from lora.named import forget_adapters
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -31,4 +32,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in list(adapted_modules(model)):
         layer.merge()
         model.set_submodule(name, layer.base_layer, strict=True)
+    forget_adapters(model)  # named adapters waiting beside the active one were for the unmerged base
     return model

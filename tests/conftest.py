@@ -80,3 +80,51 @@ def logits_before_and_after_unloading(model, ids, folder):
     before = model(ids).logits
     merge_and_unload(model).save_pretrained(folder)
     return before, AutoModelForCausalLM.from_pretrained(folder).eval()(ids).logits
+
+
+def with_named_adapters(base, settings, names=None):
+    """A copy of ``base`` in eval mode holding named adapters (``settings``: name -> ``add_adapter`` arguments;
+    ``names``: which of them, default all), each with its own seeded non-zero A and B."""
+    from lora import add_adapter
+    from lora.named import adapter_layers, factors
+
+    model = copy.deepcopy(base).eval()
+    generator = torch.Generator().manual_seed(0)
+    for name in names or settings:
+        add_adapter(model, name, **settings[name])
+        with torch.no_grad():
+            for layer in adapter_layers(model, name).values():
+                for factor in factors(layer):
+                    factor.copy_(torch.randn(factor.shape, generator=generator) * 0.1)
+    return model
+
+
+def peft_factors(layer, name):
+    """peft's ``(A, B)`` of adapter ``name`` in a peft LoRA layer, Linear or Embedding."""
+    if name in layer.lora_embedding_A:
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def peft_with_named_adapters(base, model, settings):
+    """peft's model (eval mode) with the same named adapters as ``model`` (``with_named_adapters``), A and B copied."""
+    from peft import LoraConfig, get_peft_model
+
+    from lora import adapter_names
+    from lora.named import adapter_layers, factors
+
+    peft_model = None
+    for name in adapter_names(model):
+        config = LoraConfig(r=settings[name]["r"], lora_alpha=settings[name]["alpha"],
+                            target_modules=settings[name]["target_modules"],
+                            use_rslora=settings[name].get("use_rslora", False))
+        if peft_model is None:
+            peft_model = get_peft_model(copy.deepcopy(base), config, adapter_name=name)
+        else:
+            peft_model.add_adapter(name, config)
+        with torch.no_grad():
+            for path, layer in adapter_layers(model, name).items():
+                theirs = peft_model.base_model.model.get_submodule(path)
+                for mine, their in zip(factors(layer), peft_factors(theirs, name)):
+                    their.copy_(mine)
+    return peft_model.eval()
