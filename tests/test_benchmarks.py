@@ -5,6 +5,8 @@ import torch
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from benchmarks.adapters import WAYS
+from benchmarks.adapters import main as adapters
 from benchmarks.inference import VARIANTS as INFERENCE_VARIANTS
 from benchmarks.inference import main as inference
 from benchmarks.lora_step import RANDOM_SHAPES, VARIANTS, paired_ratio
@@ -44,6 +46,15 @@ def test_inference_benchmark_reports_base_unmerged_and_merged(capsys):
     rows = table_rows(capsys.readouterr().out)
     assert [row[0] for row in rows] == list(INFERENCE_VARIANTS)
     assert rows[0][2] == rows[0][4] == "1.000"  # the base model against itself
+
+
+def test_adapters_benchmark_serves_every_count_three_ways_with_the_same_tokens(capsys):
+    assert adapters(["--model", "tiny-llama", "--counts", "2,3", "--new-tokens", "3", "--steps", "1"]) == 0
+    output = capsys.readouterr().out
+    rows = table_rows(output)
+    assert [(row[0], row[1]) for row in rows] == [(count, way) for count in ("2", "3") for way in WAYS]
+    assert [row[4] for row in rows if row[1] == "mixed"] == ["1.00", "1.00"]  # mixed against itself
+    assert "wrote the same tokens for every request: yes" in output
 
 
 def test_random_qwen_shape_has_qwen2_5_0_5b_parameter_count():
