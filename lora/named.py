@@ -124,13 +124,10 @@ def unplug(model: nn.Module, layers: dict[str, nn.Module], warn: bool = True) ->
 def plug(model: nn.Module, layers: dict[str, nn.Module]) -> None:
     """Put each layer at its path, on its base's device and in the model's train/eval mode."""
     for path, layer in layers.items():
-        device = next(layer.base_layer.parameters()).device
+        layer.to(next(layer.base_layer.parameters()).device)  # model.to() moved the base, not waiting adapters
         for name, parameter in layer.named_parameters():
-            if name.startswith("base_layer."):
-                continue
-            if parameter.device != device:
-                parameter.data = parameter.data.to(device)  # model.to() moved the base, not waiting adapters
-            parameter.requires_grad_(True)
+            if not name.startswith("base_layer."):
+                parameter.requires_grad_(True)
         layer.train(model.training)
         model.set_submodule(path, layer, strict=True)
 

@@ -262,3 +262,11 @@ def test_lora_changed_behind_the_registry_is_a_one_line_error(tiny):
 def test_a_model_with_lora_from_inject_lora_calls_it_default(tiny):
     inject_lora(tiny, r=4)
     assert adapter_names(tiny) == ["default"] and active_adapter(tiny) == "default"
+
+
+def test_an_adapter_switched_in_follows_its_base_to_the_device_the_model_moved_to(tiny):
+    model = with_adapters(tiny, ("default", "french"))
+    model.to("meta")  # moves the tree: the base and the active adapter, not the waiting one
+    assert adapter_layers(model, "french")["model.layers.0.self_attn.q_proj"].lora_A.weight.device.type == "cpu"
+    set_adapter(model, "french")
+    assert {parameter.device.type for parameter in model.parameters()} == {"meta"}
