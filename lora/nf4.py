@@ -232,11 +232,11 @@ class NF4Linear(nn.Module):
 
         ``model.to(torch.bfloat16)`` would otherwise round the float32 block constants (absmax, or
         double quantization's scales and mean) to bf16 and so silently change every dequantized
-        weight; the codes are integers, which ``.to(dtype)`` skips but ``.type(dtype)`` would not. The bias is cast as asked, and the layer dequantizes to the new
-        dtype from then on (its ``dtype``), as after ``cast_frozen``. ``fn`` is asked first on an
-        empty tensor of each stored tensor's dtype: where it changes only the device (or nothing),
-        the tensor gets ``fn`` itself, so ``.to(device)``, ``.share_memory()`` and the like work
-        as for any module.
+        weight; the codes are integers, which ``.to(dtype)`` skips but ``.type(dtype)`` would not.
+        The bias is cast as asked, and the layer dequantizes to the new dtype from then on (its
+        ``dtype``), as after ``cast_frozen``. ``fn`` is asked first on an empty tensor of each
+        stored tensor's dtype: where it changes only the device (or nothing), the tensor gets
+        ``fn`` itself, so ``.to(device)``, ``.share_memory()`` and the like work as for any module.
         """
         stored = {id(tensor) for tensor in self.storage()}
 
