@@ -90,7 +90,7 @@ def rng_states(world: World) -> dict[str, torch.Tensor]:
 
 
 def previous_checkpoint(path: Path) -> Path:
-    """Where the checkpoint before ``path`` is kept: ``checkpoint.safetensors`` -> ``checkpoint.previous.safetensors``."""
+    """The file that keeps the checkpoint before ``path``: ``checkpoint.previous.safetensors`` beside it."""
     path = Path(path)
     return path.with_name(f"{path.stem}.previous{path.suffix}")
 
