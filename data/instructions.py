@@ -47,6 +47,21 @@ def check_record(record, where: str) -> dict:
     return record
 
 
+def read_json(text: str, where: str, name_the_line: bool = False):
+    """``json.loads(text)``; any failure a one-line ValueError starting with ``where`` (and the line, if asked).
+
+    Besides malformed JSON, Python refuses an integer of more than 4300 digits (ValueError) and
+    nesting deeper than its stack (RecursionError); those are named as the file's too.
+    """
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        line = f": line {error.lineno}" if name_the_line else ""
+        raise ValueError(f"{where}{line}: not valid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{where}: JSON that Python cannot read ({error})") from None
+
+
 def load_instructions(path: str | os.PathLike) -> list[dict]:
     """Read instruction records from a JSON list (``.json``, Alpaca's format) or JSON Lines (``.jsonl``).
 
@@ -75,20 +90,16 @@ def load_instructions(path: str | os.PathLike) -> list[dict]:
 
     if path.suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at "\n" alone, as JSON Lines says: str.splitlines() would also cut at U+2028,
+        # U+0085 and others, which JSON allows unescaped inside a string (save_instructions writes them so).
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: line {number}: not valid JSON ({error.msg})") from None
-            records.append(check_record(record, f"{path}: line {number}"))
+            where = f"{path}: line {number}"
+            records.append(check_record(read_json(line, where), where))
         return records
 
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    records = read_json(text, str(path), name_the_line=True)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}; "
                          "for one object per line name the file .jsonl")

@@ -205,7 +205,7 @@ def test_missing_or_null_instruction_or_output_is_still_an_error(tmp_path, name,
     path = tmp_path / name
     path.write_text(json.dumps(record) + "\n" if name.endswith(".jsonl") else json.dumps([record]))
     where = "line 1" if name.endswith(".jsonl") else "record 1"
-    message = f"field {field!r} is missing" if absent == "missing" else f"field {field!r} must be a string, got NoneType"
+    message = f"field {field!r} " + ("is missing" if absent == "missing" else "must be a string, got NoneType")
     with pytest.raises(ValueError, match=re.escape(f"{path}: {where}: {message}")):
         load_instructions(path)
 
@@ -219,6 +219,17 @@ def test_a_record_without_input_tokenizes_as_one_with_empty_input(chars):
 def test_a_record_without_input_is_saved_with_empty_input(tmp_path):
     path = save_instructions([{"instruction": "x", "output": "y"}], tmp_path / "data.jsonl")
     assert json.loads(path.read_text()) == {"instruction": "x", "output": "y", "input": ""}
+
+
+@pytest.mark.parametrize("name, where", [("data.json", ""), ("data.jsonl", " line 2:")])
+@pytest.mark.parametrize("value, why", [("1" * 5000, "Exceeds the limit"), ("[" * 100_000, "maximum recursion depth")],
+                         ids=["integer_of_5000_digits", "nested_100000_deep"])
+def test_json_python_cannot_read_is_a_value_error_naming_the_file(tmp_path, name, where, value, why):
+    path = tmp_path / name
+    record = f'{{"instruction": "x", "output": {value}}}'
+    path.write_text(f"{GOOD_LINE}\n{record}\n" if name.endswith(".jsonl") else f"[{GOOD_LINE}, {record}]")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{where} JSON that Python cannot read ({why}")):
+        load_instructions(path)
 
 
 def test_binary_file_is_named_as_not_instruction_data(tmp_path):
