@@ -355,8 +355,11 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         loss = accumulate_gradients(model, micro_batches, precision, scaler, seeds, world)
         if not math.isfinite(loss):  # the same all-reduced loss on every rank: all stop together
             bar.close()
-            kept = (f"the last good checkpoint, of step {checkpointed}, stays in {checkpoint_path}"
-                    if checkpoint_path.is_file() else "no checkpoint had been written yet")
+            # The newest; or, in a run resumed from the previous one, that one until the next is written.
+            last = next((path for path in (checkpoint_path, previous_checkpoint(checkpoint_path)) if path.is_file()),
+                        None)
+            kept = (f"the last good checkpoint, of step {checkpointed}, stays in {last}"
+                    if last else "no checkpoint had been written yet")
             raise Diverged(f"the loss is {loss} at step {state.step + 1}; {kept}; lower --lr and try again")
         missing = distributed.without_gradient(model)
         if missing:
