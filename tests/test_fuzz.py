@@ -6,8 +6,8 @@ record. An inline rule (``is_record``, ``usable``) says which inputs are good, s
 checks that good ones are never refused.
 
 ``derandomize=True``: the examples come from a fixed seed, the same on every run, so CI is
-repeatable (a failure found once is found again); ``database=None``: nothing is written to
-``.hypothesis/``; ``deadline=None``: a slow example on a busy machine is not a failure.
+repeatable (a failure found once is found again), so ``database=None`` keeps no examples between
+runs; ``deadline=None``: a slow example on a busy machine is not a failure.
 ``max_examples`` is modest, so the file runs in seconds.
 """
 
