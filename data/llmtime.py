@@ -150,10 +150,12 @@ def decode(text: str, scaler: Scaler, n_vars: int | None = None) -> np.ndarray:
 
     Whitespace around the text and one trailing ``;`` are ignored. Reading stops at the first
     malformed time step (the wrong number of values, a value that is not a plain decimal
-    number, or an empty step), and the steps before it are returned: a model's generation may
-    end mid-step or wander off, and the length of the result says how many steps were usable.
+    number, an empty step, or a number too large to be finite once read or unscaled, such as
+    400 nines), and the steps before it are returned: a model's generation may end mid-step or
+    wander off, and the length of the result says how many steps were usable.
 
-    Shapes: one string -> ``(n_parsed, n_vars)``; ``(0, n_vars)`` when the first step is malformed.
+    Shapes: one string -> ``(n_parsed, n_vars)``, every value finite; ``(0, n_vars)`` when the
+    first step is malformed.
 
     Args:
         text: e.g. ``"0.52,1.41;0.53,1.39;"``.
@@ -176,7 +178,10 @@ def decode(text: str, scaler: Scaler, n_vars: int | None = None) -> np.ndarray:
         if len(values) != n_vars or not all(NUMBER.fullmatch(value) for value in values):
             break
         steps.append([float(value) for value in values])
-    return scaler.inverse_transform(np.array(steps, dtype=np.float64).reshape(len(steps), n_vars))
+    with np.errstate(over="ignore"):  # a value too large for float64 is inf; the steps from it on are cut below
+        series = scaler.inverse_transform(np.array(steps, dtype=np.float64).reshape(len(steps), n_vars))
+    finite = np.isfinite(series).all(axis=1)
+    return series[: len(series) if finite.all() else int(np.argmin(finite))]
 
 
 def _check_series(series, name: str, n_vars: int | None = None) -> np.ndarray:

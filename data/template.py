@@ -23,7 +23,9 @@ TEMPLATE_WITHOUT_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 def format_prompt(example: dict) -> str:
     """The prompt of ``example``: the Alpaca template up to and including ``### Response:\\n``.
 
-    The Input block is left out when ``example["input"]`` is the empty string.
+    The Input block is left out when ``example["input"]`` is the empty string, null or missing
+    (``load_instructions`` reads the last two as ``""``; a record built in code may have either).
     """
-    template = TEMPLATE_WITH_INPUT if example["input"] else TEMPLATE_WITHOUT_INPUT
-    return template.format(instruction=example["instruction"], input=example["input"])
+    text = example.get("input") or ""
+    template = TEMPLATE_WITH_INPUT if text else TEMPLATE_WITHOUT_INPUT
+    return template.format(instruction=example["instruction"], input=text)

@@ -23,7 +23,7 @@ def tokenize_example(example: dict, tokenizer, max_length: int = 512) -> dict | 
     stop in mid-sentence.
 
     Args:
-        example: a record with ``instruction``, ``input`` and ``output``.
+        example: a record with ``instruction`` and ``output``, and ``input`` (a missing or null one reads as "").
         tokenizer: a Hugging Face tokenizer with an ``eos_token``.
         max_length: the most tokens in the result.
 

@@ -20,6 +20,7 @@ safetensors stores raw tensors, so loading an adapter never unpickles (never run
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -256,12 +257,22 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> list[str]:
 
 
 def read_adapter_config(path: str | os.PathLike) -> dict:
-    """Read and check an ``adapter_config.json``; errors name the file and the field."""
+    """Read and check an ``adapter_config.json``; errors name the file and the field.
+
+    Raises:
+        ValueError: not UTF-8 JSON, not an object, or a field that is missing, of the wrong type
+            or asks for something other than LoRA as this library loads it; one line naming the file.
+    """
     path = Path(path)
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file; an adapter config is JSON (written by save_adapter or peft)") \
+            from None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:  # an integer of over 4300 digits; nesting deeper than the stack
+        raise ValueError(f"{path}: JSON that Python cannot read ({error})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
@@ -273,10 +284,16 @@ def read_adapter_config(path: str | os.PathLike) -> dict:
         check_hyperparameters(config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    if not isinstance(config["target_modules"], (str, list)):
+    targets = config["target_modules"]
+    if not isinstance(targets, str) and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
         raise ValueError(f"{path}: target_modules must be a list of names or a regular expression string")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as error:
+            raise ValueError(f"{path}: target_modules {targets!r} is not a regular expression ({error})") from None
     for field in ("use_rslora", "use_dora"):
-        if config.get(field) not in (True, False, None):
+        if not isinstance(config.get(field), (bool, type(None))):  # not `in (True, False)`: 1 == True there
             raise ValueError(f"{path}: {field} is {config[field]!r}; it must be true or false")
     if config.get("init_lora_weights") not in LOADABLE_INITS:
         raise ValueError(f"{path}: init_lora_weights is {config['init_lora_weights']!r}, which changed the base "

@@ -13,10 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None], previous: Path | None = None) -> None:
     """Call ``write(temporary_path)`` in ``path``'s folder, then rename onto ``path``.
 
     A crash midway leaves either the old file or the new one, never half of one.
+
+    Args:
+        previous: where the file at ``path`` is moved (a rename, replacing what was there) once
+            the new one is written whole, just before the new one takes its name: the file
+            before the newest is kept. A crash between the two renames leaves the new file under
+            its temporary name and the old one as ``previous``, with nothing at ``path``.
     """
     path = Path(path)
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -25,6 +31,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(temporary))
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())  # on disk before the rename makes it the real file
+        if previous is not None and path.is_file():
+            os.replace(path, previous)  # only now: until the new file is whole, the old one keeps its name
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -19,7 +19,8 @@ Storage per weight: 4.5 bits, or about 4.127 with double quantization, against 1
 ``NF4Linear`` holds what it stores as frozen parameters, not buffers, so that FSDP2 shards the
 4-bit base across processes (it shards parameters and replicates buffers), and it holds the
 8-bit floats as their bytes (uint8), which the gloo backend can send and which a mixed-precision
-policy, casting floating-point parameters only, leaves as they are.
+policy, casting floating-point parameters only, leaves as they are. ``model.to(dtype)`` and
+``model.half()`` cast its bias but leave what it stores in its own dtype (``NF4Linear._apply``).
 """
 
 import warnings
@@ -224,6 +225,32 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return DequantizedLinear.apply(x, self)
+
+    def _apply(self, fn, recurse: bool = True) -> "NF4Linear":
+        """``nn.Module._apply`` (what ``.to()``, ``.half()``, ``.cuda()`` call), but what ``storage()``
+        holds keeps its dtype: a cast moves it to ``fn``'s device and leaves its values alone.
+
+        ``model.to(torch.bfloat16)`` would otherwise round the float32 block constants (absmax, or
+        double quantization's scales and mean) to bf16 and so silently change every dequantized
+        weight; the codes are integers, which ``.to(dtype)`` skips but ``.type(dtype)`` would not.
+        The bias is cast as asked, and the layer dequantizes to the new dtype from then on (its
+        ``dtype``), as after ``cast_frozen``. ``fn`` is asked first on an empty tensor of each
+        stored tensor's dtype: where it changes only the device (or nothing), the tensor gets
+        ``fn`` itself, so ``.to(device)``, ``.share_memory()`` and the like work as for any module.
+        """
+        stored = {id(tensor) for tensor in self.storage()}
+
+        def keep_stored_dtype(tensor: torch.Tensor) -> torch.Tensor:
+            if id(tensor) not in stored:
+                return fn(tensor)
+            target = fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+            return fn(tensor) if target.dtype == tensor.dtype else tensor.to(target.device)
+
+        weight = fn(torch.empty(0, dtype=self.dtype, device=self.device))  # what fn makes of a weight
+        super()._apply(keep_stored_dtype, recurse)
+        if weight.is_floating_point():
+            self.dtype = weight.dtype
+        return self
 
     def storage(self) -> list[torch.Tensor]:
         """The tensors that hold the weight: the codes and the absmax constants (not the bias)."""

@@ -36,8 +36,11 @@ SCENARIOS = {
     "fsdp2-nf4": ["--strategy", "fsdp2", "--quantize", "nf4", "--double-quant", "true"],
     "fsdp2-accumulating-with-dropout": ["--strategy", "fsdp2", "--grad-accum", "2", "--dropout", "0.1"],
 }
-# Resumed: 2 steps, then --resume to 4 (FSDP2: the optimizer state is sharded, gathered and re-sharded).
-RESUMED = ("fsdp2-resumed", ["--strategy", "fsdp2", "--max-steps", "2"], ["--max-steps", "4"])
+# Resumed: 2 steps, a checkpoint after each; the newest is then cut in half, and --resume to 4 falls
+# back to the checkpoint of step 1, the one rank 0 chooses for every rank (FSDP2: the optimizer
+# state is sharded, gathered and re-sharded).
+RESUMED = ("fsdp2-resumed", ["--strategy", "fsdp2", "--checkpoint-every", "1", "--max-steps", "2"],
+           ["--max-steps", "4"])
 
 
 def single_process_twin(settings: list[str]) -> list[str]:
@@ -129,6 +132,10 @@ def main(out: Path) -> None:
     name, first, then = RESUMED
     config, _ = parse_config([*BASE, *first, "--out", str(out), "--name", name])
     loop.train(config, world=world)
+    if world.is_main:
+        newest = out / name / "checkpoint.safetensors"
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk fault mid-file
+    distributed.barrier()
     config, resume = parse_config(["--resume", str(out / name), *then])
     loop.train(config, resume, world=world)
 

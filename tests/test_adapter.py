@@ -2,6 +2,7 @@
 
 import json
 import pickle
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -254,6 +255,9 @@ def test_malformed_config_names_the_line(saved):
         ("fan_in_fan_out", True, "fan_in_fan_out is True; this library does not load that option"),
         ("bias", "all", "bias is 'all'"),
         ("target_modules", 3, "target_modules must be a list"),
+        ("target_modules", ["q_proj", 3], "target_modules must be a list of names"),
+        ("target_modules", "q_proj(", r"target_modules 'q_proj\(' is not a regular expression"),
+        ("use_dora", 1, "use_dora is 1; it must be true or false"),
         ("r", 0, "adapter_config.json: r must be a positive integer"),
         ("lora_alpha", "16", "adapter_config.json: alpha must be a number > 0"),
     ],
@@ -264,6 +268,17 @@ def test_config_field_that_cannot_load_is_named(saved, field, value, message):
     config[field] = value
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
+        load_adapter(fresh_like(model), folder)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"\xff\xfe{}", "not a text file; an adapter config is JSON"),
+    (b'{"r": ' + b"1" * 5000 + b"}", "JSON that Python cannot read (Exceeds the limit"),
+])
+def test_config_that_is_not_readable_json_is_named(saved, text, message):
+    model, folder = saved
+    (folder / "adapter_config.json").write_bytes(text)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / 'adapter_config.json'}: {message}")):
         load_adapter(fresh_like(model), folder)
 
 

@@ -65,8 +65,9 @@ def test_two_processes_train_as_one_process_with_twice_the_accumulation(launched
     assert_close(logged(launched / name, "val_loss"), logged(twin, "val_loss"))  # the ranks score strided shards
 
 
-def test_resumed_under_torchrun_two_plus_two_steps_equal_four(launched, tmp_path):
+def test_resumed_under_torchrun_from_the_previous_checkpoint_ends_as_an_uninterrupted_run(launched, tmp_path):
     name, first, then = RESUMED
+    assert (launched / name / "checkpoint.safetensors.unreadable").is_file()  # rank 0 fell back to step 1
     straight = single_process(tmp_path, "straight", single_process_twin([*first[:-2], *then]))
     resumed = adapter(launched / name)
     for key, tensor in adapter(straight).items():

@@ -172,7 +172,7 @@ def test_bad_jsonl_line_names_the_file_and_line(tmp_path, bad, message):
     "bad, message",
     [
         ("null", r"record 2: expected an object with fields instruction, input, output, got NoneType"),
-        ('{"instruction": "x", "output": "y"}', r"record 2: field 'input' is missing"),
+        ('{"input": "x", "output": "y"}', r"record 2: field 'instruction' is missing"),
         ('{"instruction": ["x"], "input": "", "output": "y"}', r"record 2: field 'instruction' must be a string"),
     ],
     ids=["not_an_object", "missing_field", "wrong_type"],
@@ -181,6 +181,54 @@ def test_bad_json_record_names_the_file_and_record(tmp_path, bad, message):
     path = tmp_path / "data.json"
     path.write_text(f"[\n{GOOD_LINE},\n{bad},\n{GOOD_LINE}\n]\n")
     with pytest.raises(ValueError, match=r"data\.json: " + message):
+        load_instructions(path)
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+@pytest.mark.parametrize("absent", [{}, {"input": None}], ids=["missing", "null"])
+def test_missing_or_null_input_loads_as_empty(tmp_path, name, absent):
+    record = {"instruction": "Which is larger, 3 or 7?", **absent, "output": "7", "kind": "larger"}
+    path = tmp_path / name
+    path.write_text(json.dumps(record) + "\n" if name.endswith(".jsonl") else json.dumps([record]))
+    assert load_instructions(path) == [dict(WITHOUT_INPUT, kind="larger")]
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+@pytest.mark.parametrize("field", ["instruction", "output"])
+@pytest.mark.parametrize("absent", ["missing", "null"])
+def test_missing_or_null_instruction_or_output_is_still_an_error(tmp_path, name, field, absent):
+    record = dict(WITH_INPUT)
+    if absent == "missing":
+        del record[field]
+    else:
+        record[field] = None
+    path = tmp_path / name
+    path.write_text(json.dumps(record) + "\n" if name.endswith(".jsonl") else json.dumps([record]))
+    where = "line 1" if name.endswith(".jsonl") else "record 1"
+    message = f"field {field!r} " + ("is missing" if absent == "missing" else "must be a string, got NoneType")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {where}: {message}")):
+        load_instructions(path)
+
+
+def test_a_record_without_input_tokenizes_as_one_with_empty_input(chars):
+    without = {"instruction": WITHOUT_INPUT["instruction"], "output": WITHOUT_INPUT["output"]}
+    assert format_prompt(without) == format_prompt(WITHOUT_INPUT)
+    assert tokenize_example(without, chars) == tokenize_example(WITHOUT_INPUT, chars)
+
+
+def test_a_record_without_input_is_saved_with_empty_input(tmp_path):
+    path = save_instructions([{"instruction": "x", "output": "y"}], tmp_path / "data.jsonl")
+    assert json.loads(path.read_text()) == {"instruction": "x", "output": "y", "input": ""}
+
+
+@pytest.mark.parametrize("name, where", [("data.json", ""), ("data.jsonl", " line 2:")])
+@pytest.mark.parametrize("value, why", [("1" * 5000, "Exceeds the limit"), ("[" * 100_000, "maximum recursion depth")],
+                         ids=["integer_of_5000_digits", "nested_100000_deep"])
+def test_json_python_cannot_read_is_a_value_error_naming_the_file(tmp_path, name, where, value, why):
+    path = tmp_path / name
+    record = f'{{"instruction": "x", "output": {value}}}'
+    path.write_text(f"{GOOD_LINE}\n{record}\n" if name.endswith(".jsonl") else f"[{GOOD_LINE}, {record}]")
+    with pytest.raises(ValueError, match=re.escape(f"{path}:{where} JSON that Python cannot read ({why}")):
         load_instructions(path)
 
 

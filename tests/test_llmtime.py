@@ -114,6 +114,18 @@ def test_decode_stops_at_the_first_malformed_step(text, n_good):
     np.testing.assert_array_equal(decode(text, UNIT), good[:n_good])
 
 
+@pytest.mark.parametrize(
+    "text, scaler",
+    [
+        ("0.5,1;2,3;" + "9" * 400 + ",1;4,5", UNIT),  # float() reads 400 nines as inf
+        ("0.5,1;2,3;" + "9" * 300 + ",1;4,5", Scaler(np.zeros(2), np.full(2, 1e10))),  # finite until scaled
+    ],
+    ids=["too_large_to_read", "too_large_once_scaled"],
+)
+def test_decode_stops_at_a_number_too_large_to_be_finite(text, scaler):
+    np.testing.assert_array_equal(decode(text, scaler), scaler.inverse_transform([[0.5, 1.0], [2.0, 3.0]]))
+
+
 @pytest.mark.parametrize("text", ["", "  ", ";", "x,1;2,3"])
 def test_decode_of_nothing_usable_is_an_empty_array_with_n_vars_columns(text):
     decoded = decode(text, UNIT)

@@ -1,9 +1,11 @@
 """The training loop on tiny models: schedule, settings, run folder, determinism, resume after SIGKILL, bad input."""
 
 import copy
+import dataclasses
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -14,15 +16,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomize_lora, token_batch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
 from data.collate import PadCollator
 from lora import cast_frozen, inject_lora, load_adapter, lora_layers
+from lora.atomic import write_atomically
 from models.loader import char_tokenizer, load_model, tiny_model
 from models.precision import Precision, choose_precision, cpu_supports_bf16
 from training import loop
-from training.checkpoint import RunState, load_checkpoint, save_checkpoint
+from training.checkpoint import (RunState, choose_checkpoint, load_checkpoint, previous_checkpoint, read_checkpoint,
+                                 save_checkpoint)
 from training.config import TrainConfig, build_parser, parse_config
 from training.loop import main, train
 from training.schedule import get_lr
@@ -378,6 +382,107 @@ def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_adapter(tmp_path
     for key in straight:
         assert_close(resumed[key], straight[key])
     assert metrics(tmp_path / "killed", "loss") == metrics(tmp_path / "straight", "loss")
+
+
+def step_of(path: Path) -> int:
+    return read_checkpoint(path, with_tensors=False)[0].step
+
+
+def test_resume_from_a_truncated_newest_checkpoint_falls_back_to_the_previous_with_one_warning(tmp_path, capsys):
+    assert main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2")) == 0
+    run = tmp_path / "run"
+    newest, previous = run / "checkpoint.safetensors", run / "checkpoint.previous.safetensors"
+    assert (step_of(newest), step_of(previous)) == (4, 2)
+    assert not [path.name for path in run.iterdir() if path.name.endswith(".tmp")]
+    adapter = load_file(run / "adapter" / "adapter_model.safetensors")
+    losses = metrics(run, "loss")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a disk fault mid-file
+    capsys.readouterr()
+
+    assert main(["--resume", str(run)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert re.fullmatch(re.escape(f"warning: {newest}: not a readable checkpoint (") + r"[^\n]+" + re.escape(
+        "); resuming from checkpoint.previous.safetensors, of step 2 (the unreadable file is kept as "
+        "checkpoint.safetensors.unreadable)"), warnings[0])
+    # Steps 3 and 4 again, exactly as the first time; the step-4 checkpoint is new and the step-2 one still kept.
+    for key, tensor in load_file(run / "adapter" / "adapter_model.safetensors").items():
+        assert_close(tensor, adapter[key], rtol=0, atol=0)
+    assert metrics(run, "loss") == losses
+    assert (step_of(newest), step_of(previous)) == (4, 2)
+    assert (run / "checkpoint.safetensors.unreadable").is_file()
+
+
+def fake_checkpoint(path: Path, step: int) -> Path:
+    """A file ``read_checkpoint`` accepts: a run state of ``step`` in its header, one tensor."""
+    header = {"run_state": json.dumps(dataclasses.asdict(RunState(step=step))), "param_groups": "[]",
+              "python_random": json.dumps(random.getstate())}
+    save_file({"rng.torch.0": torch.get_rng_state()}, path, metadata=header)
+    return path
+
+
+def test_a_readable_newest_checkpoint_is_chosen_without_a_warning(tmp_path):
+    newest = fake_checkpoint(tmp_path / "checkpoint.safetensors", 4)
+    fake_checkpoint(previous_checkpoint(newest), 2)
+    assert choose_checkpoint(newest) == (newest, "")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.previous.safetensors",
+                                                                "checkpoint.safetensors"]
+
+
+def test_a_missing_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    # What a crash between the two renames leaves: the new file under its temporary name, the old as previous.
+    newest = tmp_path / "checkpoint.safetensors"
+    previous = fake_checkpoint(tmp_path / "checkpoint.previous.safetensors", 2)
+    assert choose_checkpoint(newest) == (previous, f"warning: {newest}: no such file; resuming from "
+                                                   "checkpoint.previous.safetensors, of step 2")
+
+
+def test_two_unreadable_checkpoints_are_one_line_error_naming_both(tmp_path):
+    newest = tmp_path / "checkpoint.safetensors"
+    newest.write_bytes(b"\x00" * 3)
+    previous_checkpoint(newest).write_text('{"not": "a checkpoint"}')
+    with pytest.raises(ValueError) as raised:
+        choose_checkpoint(newest)
+    message = str(raised.value)
+    assert message.startswith(f"no readable checkpoint to resume from: {newest}: not a readable checkpoint (")
+    assert f"; {previous_checkpoint(newest)}: not a readable checkpoint (" in message
+    assert "\n" not in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.previous.safetensors",
+                                                                "checkpoint.safetensors"]  # nothing renamed
+
+
+def test_a_failed_write_leaves_the_newest_and_the_previous_checkpoint_as_they_were(tmp_path):
+    newest = fake_checkpoint(tmp_path / "checkpoint.safetensors", 4)
+    previous = fake_checkpoint(previous_checkpoint(newest), 2)
+    before = newest.read_bytes(), previous.read_bytes()
+
+    def fail_midway(temporary: Path) -> None:
+        temporary.write_bytes(b"half of a checkpoint")
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_atomically(newest, fail_midway, previous=previous)
+    assert (newest.read_bytes(), previous.read_bytes()) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == [previous.name, newest.name]
+
+
+def test_every_rank_loads_the_checkpoint_rank_0_chose(tmp_path, monkeypatch):
+    """Rank 1 of 2 does not choose: it loads the file named in rank 0's broadcast (here the previous,
+    though the newest it could read itself is fine), so all ranks resume from the same step."""
+    model = tiny_model("tiny-llama")
+    inject_lora(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_checkpoint(run / "checkpoint.safetensors", model, optimizer, RunState(step=1))
+    save_checkpoint(run / "checkpoint.safetensors", model, optimizer, RunState(step=2))
+    decided = json.dumps({"run": str(run), "checkpoint": str(run / "checkpoint.previous.safetensors")})
+    monkeypatch.setattr(loop.distributed, "broadcast_text", lambda text: decided if text == "" else pytest.fail())
+    monkeypatch.setattr(loop, "choose_checkpoint", lambda path: pytest.fail("only rank 0 chooses"))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    config = TrainConfig(model="tiny-llama")
+    _, state = loop.open_run(config, run, model, optimizer, scaler, loop.World(rank=1, size=2))
+    assert state.step == 1
 
 
 def test_nan_loss_stops_the_run_naming_the_step_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):

@@ -161,13 +161,38 @@ def test_double_quant_codes_are_float8_bytes():
     assert_close(layer.block_absmax(), dequantize_absmax(codes, scales, mean, absmax.numel()), rtol=0, atol=0)
 
 
-def test_casting_the_layer_leaves_its_bytes_as_stored():
-    # As FSDP2's mixed-precision policy does, .to(dtype) casts floating-point tensors only.
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("cast, dtype", [(lambda model: model.to(torch.bfloat16), torch.bfloat16),
+                                         (lambda model: model.half(), torch.float16)], ids=["to_bfloat16", "half"])
+def test_casting_a_4bit_model_leaves_its_constants_and_dequantized_weights_unchanged(tiny, double_quant, cast, dtype):
+    quantize_model(tiny.requires_grad_(False), double_quant=double_quant)
+    layers = [module for module in tiny.modules() if isinstance(module, NF4Linear)]
+    stored = [[tensor.clone() for tensor in layer.storage()] for layer in layers]
+    weights = [layer.dequantize(torch.float32) for layer in layers]
+    cast(tiny)
+    for layer, tensors, weight in zip(layers, stored, weights):
+        for tensor, before in zip(layer.storage(), tensors):
+            assert tensor.dtype == before.dtype
+            assert_close(tensor, before, rtol=0, atol=0)
+        assert_close(layer.dequantize(torch.float32), weight, rtol=0, atol=0)
+        assert_close(layer.dequantize(), weight.to(dtype), rtol=0, atol=0)  # as cast_frozen: computes in dtype
+        assert layer.bias is None or layer.bias.dtype == dtype
+    assert tiny.lm_head.weight.dtype == dtype  # not quantized: cast
+
+
+def test_moving_a_4bit_layer_moves_its_storage_in_its_own_dtype():
+    layer = NF4Linear(nn.Linear(96, 80), double_quant=True).to("meta", torch.bfloat16)
+    assert {tensor.device.type for tensor in layer.storage()} == {"meta"}
+    assert [tensor.dtype for tensor in layer.storage()] == [torch.uint8, torch.uint8, torch.float32, torch.float32]
+    assert layer.bias.device.type == "meta" and layer.bias.dtype == torch.bfloat16
+
+
+def test_integer_casts_leave_the_codes_as_stored():
     layer = NF4Linear(nn.Linear(96, 80), double_quant=True)
     codes, absmax_codes = layer.codes.clone(), layer.absmax_codes.clone()
-    layer.to(torch.bfloat16)
+    layer.type(torch.int8)  # casts every tensor, integers included
     assert torch.equal(layer.codes, codes) and torch.equal(layer.absmax_codes, absmax_codes)
-    assert layer.absmax_scales.dtype == torch.bfloat16
+    assert layer.dtype == torch.float32  # not a float: still dequantizes to float32
 
 
 def test_layer_output_is_the_dequantized_weights_output():

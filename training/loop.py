@@ -3,12 +3,13 @@
     python -m training.loop                      # LLMTIME forecasting on the embedded SmolLM2
     python -m training.loop --task instruct      # the embedded instruction tasks
     python -m training.loop --help               # every setting, with its default and advice
-    python -m training.loop --resume runs/NAME   # continue a run from its last checkpoint
+    python -m training.loop --resume runs/NAME   # continue a run from its last readable checkpoint
     torchrun --standalone --nproc-per-node 2 -m training.loop   # the same run on 2 processes (DDP)
 
 The run reads top to bottom in ``train``, in numbered steps; each piece it calls is a small
 function above it. Everything it writes goes to ``runs/<name>/``: ``config.json``,
-``metrics.jsonl``, ``checkpoint.safetensors``, ``adapter/`` (peft's format) and ``loss.png``.
+``metrics.jsonl``, ``checkpoint.safetensors`` (and the one before it, ``checkpoint.previous.safetensors``),
+``adapter/`` (peft's format) and ``loss.png``.
 Under torchrun every process runs this same code on its share of the data; what differs is
 marked where it happens (``world``, ``training/distributed.py``), and rank 0 alone prints and writes.
 """
@@ -37,7 +38,8 @@ from lora.atomic import write_atomically
 from models.loader import load_model
 from models.precision import Precision, choose_precision
 from training import distributed
-from training.checkpoint import RunState, load_checkpoint, save_checkpoint
+from training.checkpoint import (CHECKPOINT_NAME, RunState, choose_checkpoint, load_checkpoint, previous_checkpoint,
+                                 save_checkpoint)
 from training.config import TrainConfig, parse_config
 from training.distributed import World, gradient_sync, sum_over_ranks
 from training.plot import plot_losses
@@ -182,7 +184,8 @@ def run_folder(config: TrainConfig, resume: Path | None) -> tuple[Path, bool]:
     name = config.name or f"{config.task}-{distributed.run_id() or time.strftime('%Y%m%d-%H%M%S')}"
     run = Path(config.out) / name
     if distributed.restarted():
-        return run, (run / "checkpoint.safetensors").is_file()
+        newest = run / CHECKPOINT_NAME
+        return run, newest.is_file() or previous_checkpoint(newest).is_file()
     if run.exists():
         raise BadInput(f"{run} exists; pick another --name, or continue it with --resume {run}")
     return run, False
@@ -192,27 +195,32 @@ def open_run(config: TrainConfig, resume: Path | None, model, optimizer, scaler,
              world: World = World()) -> tuple[Path, RunState]:
     """The run folder and the state to start from: a new folder, or the one being resumed at its checkpoint.
 
-    Rank 0 chooses the folder and tells the others, so all agree (or all stop with the same error).
+    Rank 0 chooses the folder and, resuming, the checkpoint (the newest, or the one before it
+    when the newest is unreadable: ``choose_checkpoint``, which warns in one line), and tells
+    the others, so all agree: every rank loads the same file, or all stop with the same error.
     """
-    chosen = ""
-    try:
-        if world.is_main:
+    decision = ""
+    if world.is_main:
+        try:
             run, resuming = run_folder(config, resume)
-            chosen = f"{'resume' if resuming else 'new'} {run}"
-    except BadInput as error:
-        chosen = f"error {error}"
-    verb, _, rest = distributed.broadcast_text(chosen).partition(" ")
-    if verb == "error":
-        raise BadInput(rest)
-    run = Path(rest)
+            checkpoint, warning = choose_checkpoint(run / CHECKPOINT_NAME) if resuming else (None, "")
+            decision = json.dumps({"run": str(run), "checkpoint": checkpoint and str(checkpoint)})
+            if warning:
+                print(warning, file=sys.stderr)
+        except (BadInput, FileNotFoundError, ValueError) as error:
+            decision = json.dumps({"error": str(error)})
+    decision = json.loads(distributed.broadcast_text(decision))
+    if "error" in decision:
+        raise BadInput(decision["error"])
+    run = Path(decision["run"])
     metrics = run / "metrics.jsonl"
-    if verb == "new":
+    if decision["checkpoint"] is None:
         state = RunState(world_size=world.size)
         if world.is_main:
             metrics.unlink(missing_ok=True)  # a restarted group that had written no checkpoint starts over
     else:
         try:
-            state = load_checkpoint(run / "checkpoint.safetensors", model, optimizer, world)
+            state = load_checkpoint(Path(decision["checkpoint"]), model, optimizer, world)
         except (FileNotFoundError, ValueError) as error:
             raise BadInput(str(error)) from None
         if state.scaler:
@@ -316,7 +324,7 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
 
     # 5. The run folder and the state to start from (step 0, or the resumed checkpoint's).
     run, state = open_run(config, resume, model, optimizer, scaler, world)
-    metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / "checkpoint.safetensors", state.step
+    metrics_path, checkpoint_path, checkpointed = run / "metrics.jsonl", run / CHECKPOINT_NAME, state.step
     variants = (" (rsLoRA: scaling alpha / sqrt(r))" if config.use_rslora else "") + \
         (", DoRA" if config.use_dora else "") + (", PiSSA start" if config.init == "pissa" else "")
     say(f"model {config.model} on {device} ({precision.name}); LoRA r={config.r} alpha={config.alpha}{variants} "
@@ -347,8 +355,11 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
         loss = accumulate_gradients(model, micro_batches, precision, scaler, seeds, world)
         if not math.isfinite(loss):  # the same all-reduced loss on every rank: all stop together
             bar.close()
-            kept = (f"the last good checkpoint, of step {checkpointed}, stays in {checkpoint_path}"
-                    if checkpoint_path.is_file() else "no checkpoint had been written yet")
+            # The newest; or, in a run resumed from the previous one, that one until the next is written.
+            last = next((path for path in (checkpoint_path, previous_checkpoint(checkpoint_path)) if path.is_file()),
+                        None)
+            kept = (f"the last good checkpoint, of step {checkpointed}, stays in {last}"
+                    if last else "no checkpoint had been written yet")
             raise Diverged(f"the loss is {loss} at step {state.step + 1}; {kept}; lower --lr and try again")
         missing = distributed.without_gradient(model)
         if missing:
