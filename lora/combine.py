@@ -24,7 +24,9 @@ update is meant to be the weighted sum of theirs, ``ΔW = Σ_i w_i ΔW_i`` with
 The new adapter adapts every module any of them adapts (the union of their targets); at a
 module only some of them adapt, the sums run over those. It has alpha = r, so scaling 1: the
 weights and each adapter's scaling are inside A and B already. Its other settings (dropout, the
-dtype of A and B) are the first adapter's.
+dtype of A and B) are the first adapter's, but not rsLoRA: peft (0.21.2) copies ``use_rslora``
+too, and its alpha = r then scales by sqrt(r) instead of 1, so its combination of rsLoRA
+adapters is sqrt(r) times too large. Here the new adapter is plain LoRA, scaling 1, for any inputs.
 """
 
 import math

@@ -13,6 +13,7 @@ ADAPTERS = {
     "french": dict(target_modules=["q_proj", "k_proj"], r=8, alpha=4),
     "same_r": dict(target_modules=["q_proj", "up_proj"], r=4, alpha=16),
     "words": dict(target_modules=["embed_tokens", "q_proj"], r=4, alpha=8),
+    "stable": dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8, use_rslora=True),
 }
 
 
@@ -119,3 +120,13 @@ def test_dora_adapters_do_not_combine(tiny):
     add_adapter(model, "dora", r=4, use_dora=True)
     with pytest.raises(ValueError, match="dora is a DoRA adapter"):
         add_weighted_adapter(model, ["default", "dora"], [1, 1], "mixed")
+
+
+def test_an_rslora_adapter_combined_alone_keeps_its_update(tiny):
+    # peft 0.21.2 copies use_rslora into the new adapter, whose alpha = r then scales by sqrt(r), not 1:
+    # its combination of one rsLoRA adapter at weight 1 doubles the update at r = 4. Here the scaling is 1.
+    model = with_adapters(tiny, ["stable"])
+    add_weighted_adapter(model, ["stable"], [1.0], "same", "linear")
+    for path, layer in adapter_layers(model, "same").items():
+        assert layer.scaling == 1.0
+        assert_close(update(layer), update(adapter_layers(model, "stable")[path]), rtol=1e-5, atol=1e-7)
