@@ -7,8 +7,8 @@ writes are read back with ``decode`` and compared with the truth, in the origina
     python -m eval.forecast --adapter runs/NAME/adapter     # the adapter, the base model, the baselines
     python -m eval.forecast                                 # the base model zero-shot and the baselines
 
-With ``--samples K`` the model writes K continuations (temperature and top-p sampling) and
-the point forecast is their median, with the 5-95% band of the samples as its spread;
+With ``--samples K`` (20 by default) the model writes K continuations (temperature and top-p
+sampling) and the point forecast is their median, with the 5-95% band of the samples as its spread;
 ``--greedy`` writes one, deterministically. A continuation that does not hold ``horizon``
 well-formed steps is *malformed*: it is counted, and left out of the median.
 
@@ -16,9 +16,20 @@ The model forecasts ``--batch-systems`` systems at once: their prompts, left-pad
 batch, each prompt computed once and shared by its K samples, and each sample stopped as soon
 as it has written ``horizon`` steps.
 
-Baselines on the same systems: persistence (the last context value, repeated) and linear
-extrapolation (a least-squares line through the last few context steps). A model that does
-not beat persistence has learned nothing useful about the dynamics.
+Baselines on the same systems (``eval/baselines.py``): persistence (the last context value,
+repeated), linear extrapolation (a least-squares line through the last few context steps), an
+autoregression fitted to the context (VAR(p), p by BIC) and the physics fit (the Lotka-Volterra
+equations fitted to the context and integrated on). A model that does not beat persistence has
+learned nothing useful about the dynamics; the physics fit, which knows the equations, is the
+limit on noise-free series.
+
+Point forecasts are scored by MAE and MSE. A method that gives a distribution (the LLM's
+samples, the autoregression's sample paths) is also scored as one, with at least
+``MIN_SAMPLES_FOR_SPREAD`` samples: by the CRPS (``crps``: how far the whole distribution is from
+the truth, in the data's units; for a single point it is the absolute error) and by the coverage
+of its 5-95% band (``band_coverage``: the share of true values inside it; 90% for a calibrated
+forecast). With 5 samples even a perfect band covers far less than 90%, so fewer samples leave
+those columns empty.
 """
 
 import argparse
@@ -35,29 +46,23 @@ from tqdm import tqdm
 from data.llmtime import decode, encode, fit_scaler
 from data.sequences import pad_token_id
 from data.tasks import task_split
+from eval.baselines import autoregression, linear_extrapolation, persistence, physics_fit
 from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
 from eval.generate import generate, left_pad
 from lora import disable_lora
 
-LINEAR_WINDOW = 5  # context steps the linear baseline fits; few enough to follow the current trend
+# The fewest samples for the CRPS and coverage columns: the 5-95% band of few samples lies inside
+# the distribution's own, so even a calibrated forecast's band covers less than 90%: about 62% with
+# 5 samples, 82% with 20 (calibrated_coverage).
+MIN_SAMPLES_FOR_SPREAD = 20
+BAND = (5, 95)  # percentiles of the band
+AUTOREGRESSION, PHYSICS = "autoregression, order by BIC", "physics fit"  # the baselines' names in the table
+COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")  # the plot's methods, in the order they are given
+SAMPLES = MIN_SAMPLES_FOR_SPREAD  # continuations per system by default: enough for the CRPS and coverage columns
 # Systems forecast in one batch, chosen by memory: the KV cache of the default run (the embedded
-# model, 500 prompt and up to 130 new tokens, 5 samples per system) is 30 layers x 2 (K and V)
-# x 3 KV heads x 64 x 630 positions x 50 rows x 2 bytes (bf16) = 0.7 GB at 10 systems.
-BATCH_SYSTEMS = 10
-
-
-def persistence(context: np.ndarray, horizon: int) -> np.ndarray:
-    """The last value of ``context (n_steps, n_vars)``, repeated ``horizon`` times: ``(horizon, n_vars)``."""
-    return np.repeat(context[-1:], horizon, axis=0)
-
-
-def linear_extrapolation(context: np.ndarray, horizon: int, window: int = LINEAR_WINDOW) -> np.ndarray:
-    """A least-squares line through the last ``window`` context steps, per variable, continued ``horizon`` steps."""
-    recent = context[-window:]
-    t = np.arange(len(recent))
-    slope, intercept = np.polyfit(t, recent, deg=1)  # one column per variable
-    future = np.arange(len(recent), len(recent) + horizon)[:, None]
-    return intercept + slope * future
+# model, 500 prompt and up to 130 new tokens, 20 samples per system) is 30 layers x 2 (K and V)
+# x 3 KV heads x 64 x 630 positions x 100 rows x 2 bytes (bf16) = 1.5 GB at 5 systems.
+BATCH_SYSTEMS = 5
 
 
 @dataclass
@@ -127,25 +132,87 @@ def errors(truth: np.ndarray, forecast: np.ndarray) -> dict:
     }
 
 
-def markdown_table(results: dict[str, dict], n_systems: int) -> str:
-    """One row per method: MAE, MSE, MAE at the first and last horizon step, share of well-formed forecasts."""
+def crps(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """The fair sample estimate of the continuous ranked probability score, per value.
+
+    For m samples X_1..X_m of a forecast and the true value y (Gneiting and Raftery, 2007;
+    the "fair" form, Ferro 2014, which does not reward a forecast for having few samples)::
+
+        CRPS = 1/m Σ_i |X_i - y|  -  1/(2 m (m - 1)) Σ_i Σ_j |X_i - X_j|
+
+    The first term is the samples' mean distance to the truth, the second rewards spread; for a
+    single point (m = 1, the second term taken as 0) it is the absolute error. Lower is better,
+    in the data's units.
+
+    Shapes: ``samples (m, ...)``, ``truth (...)`` -> ``(...)``.
+    """
+    m = len(samples)
+    to_truth = np.abs(samples - truth).mean(axis=0)
+    if m == 1:
+        return to_truth
+    spread = np.abs(samples[:, None] - samples[None, :]).sum(axis=(0, 1)) / (2 * m * (m - 1))
+    return to_truth - spread
+
+
+def band_coverage(samples: np.ndarray, truth: np.ndarray, band: tuple[float, float] = BAND) -> float:
+    """The share of the true values inside the samples' ``band`` percentiles (5-95%: 0.9 when calibrated).
+
+    Shapes: ``samples (m, ...)``, ``truth (...)``.
+    """
+    low, high = np.percentile(samples, band, axis=0)
+    return float(((truth >= low) & (truth <= high)).mean())
+
+
+def calibrated_coverage(samples: int, band: tuple[float, float] = BAND, trials: int = 100_000, seed: int = 0) -> float:
+    """The coverage a perfectly calibrated forecast's band of ``samples`` samples has on average.
+
+    The truth and the samples drawn from one distribution (a standard normal, ``trials`` times,
+    seeded): the level to hold ``band_coverage`` to. Below the band's 90% for few samples, since
+    the percentiles of a few samples lie inside the distribution's.
+    """
+    rng = np.random.default_rng(seed)
+    return band_coverage(rng.standard_normal((samples, trials)), rng.standard_normal(trials), band)
+
+
+def spread_scores(truths: np.ndarray, samples: Sequence[np.ndarray]) -> dict:
+    """Mean CRPS and 5-95% coverage over systems; ``samples[i]`` is system i's ``(m, horizon, vars)``."""
+    return {"crps": float(np.mean([crps(s, truth).mean() for s, truth in zip(samples, truths)])),
+            "coverage": float(np.mean([band_coverage(s, truth) for s, truth in zip(samples, truths)]))}
+
+
+def markdown_table(results: dict[str, dict], n_systems: int, samples: int = MIN_SAMPLES_FOR_SPREAD) -> str:
+    """One row per method: MAE, MSE, MAE at the first and last horizon step, CRPS, 5-95% coverage, well-formed share.
+
+    CRPS and coverage are given for the methods that forecast a distribution of at least
+    ``MIN_SAMPLES_FOR_SPREAD`` samples; "-" elsewhere. ``samples``: how many each drew, for the
+    footnote's calibrated coverage.
+    """
     lines = [
-        "| method | MAE | MSE | MAE step 1 | MAE last step | well-formed |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | MAE | MSE | MAE step 1 | MAE last step | CRPS | 5-95% coverage | well-formed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method, result in results.items():
         if "mae" not in result:
-            lines.append(f"| {method} | - | - | - | - | {result['well_formed']:.0%} |")
+            lines.append(f"| {method} | - | - | - | - | - | - | {result['well_formed']:.0%} |")
             continue
+        spread = (f"{result['crps']:.3f} | {result['coverage']:.0%}" if "crps" in result else "- | -")
         lines.append(f"| {method} | {result['mae']:.3f} | {result['mse']:.3f} | {result['mae_by_step'][0]:.3f} | "
-                     f"{result['mae_by_step'][-1]:.3f} | {result['well_formed']:.0%} |")
+                     f"{result['mae_by_step'][-1]:.3f} | {spread} | {result['well_formed']:.0%} |")
     lines.append(f"\nScored on the {n_systems} held-out systems where every method with any well-formed forecast "
-                 "produced one; MAE and MSE in the original units (prey and predator populations).")
+                 "produced one; MAE, MSE and CRPS in the original units (prey and predator populations). CRPS and "
+                 f"coverage for the methods that give at least {MIN_SAMPLES_FOR_SPREAD} samples"
+                 + (f" (a calibrated forecast's 5-95% band of {samples} samples covers "
+                    f"{calibrated_coverage(samples):.0%} on average)" if samples >= MIN_SAMPLES_FOR_SPREAD else "")
+                 + "; the physics fit knows the equations that made the data.")
     return "\n".join(lines)
 
 
 def plot_forecasts(path: Path, contexts, truths, forecasts: dict[str, list[ModelForecast]], n_plots: int = 3) -> bool:
-    """Context, truth, median forecast and 5-95% sample band for the first systems; False without matplotlib."""
+    """Context, truth, median forecast and 5-95% sample band for the first systems; False without matplotlib.
+
+    ``forecasts`` maps a method to one ``ModelForecast`` per system (a point forecast: one sample);
+    the first ``len(COLORS)`` methods are drawn.
+    """
     try:
         import matplotlib
 
@@ -164,7 +231,7 @@ def plot_forecasts(path: Path, contexts, truths, forecasts: dict[str, list[Model
             ax = axes[row, column]
             ax.plot(t_context, context[:, column], color="gray", label="context")
             ax.plot(t_future, truth[:, column], color="black", label="truth")
-            for (method, per_system), color in zip(forecasts.items(), ("tab:blue", "tab:orange")):
+            for (method, per_system), color in zip(forecasts.items(), COLORS):
                 forecast = per_system[row]
                 if forecast.median is None:
                     continue
@@ -209,6 +276,11 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
     points = {method: [f.median for f in per_system] for method, per_system in forecasts.items()}
     points["persistence"] = [persistence(c, horizon) for c in contexts]
     points["linear extrapolation"] = [linear_extrapolation(c, horizon) for c in contexts]
+    autoregressive = [autoregression(c, horizon, samples, seed=seed + i) for i, c in enumerate(contexts)]
+    points[AUTOREGRESSION] = [point for point, _ in autoregressive]
+    forecasts[AUTOREGRESSION] = [ModelForecast(paths, 0) for _, paths in autoregressive]
+    points[PHYSICS] = list(physics_fit(contexts, horizon))  # every system fitted at once
+    forecasts[PHYSICS] = [ModelForecast(point[None], 0) for point in points[PHYSICS]]
     # Compare on the same systems: those where every method that forecast anything produced a
     # forecast. A method with no well-formed forecast at all is reported, but not scored.
     producing = [method for method in points if any(point is not None for point in points[method])]
@@ -218,6 +290,9 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
         well_formed = [point is not None for point in per_system]
         results[method] = errors(truths[scored], np.stack([per_system[i] for i in scored])) if (
             method in producing and scored) else {}
+        distribution = method in forecasts and method != PHYSICS and samples >= MIN_SAMPLES_FOR_SPREAD
+        if results[method] and distribution:
+            results[method].update(spread_scores(truths[scored], [forecasts[method][i].samples for i in scored]))
         results[method]["well_formed"] = float(np.mean(well_formed))
         results[method]["malformed_samples"] = sum(f.malformed for f in forecasts.get(method, []))
     return results, forecasts, scored
@@ -230,7 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", type=int, default=50, help="held-out test systems to forecast (%(default)s)")
     parser.add_argument("--context", type=int, default=50, help="steps shown to the model (%(default)s)")
     parser.add_argument("--horizon", type=int, default=10, help="steps to forecast (%(default)s)")
-    parser.add_argument("--samples", type=int, default=5, help="sampled continuations per system (%(default)s)")
+    parser.add_argument("--samples", type=int, default=SAMPLES,
+                        help=f"sampled continuations per system; CRPS and coverage need {MIN_SAMPLES_FOR_SPREAD} "
+                             "(%(default)s)")
     parser.add_argument("--temperature", type=float, default=0.7, help="(%(default)s, as in the source material)")
     parser.add_argument("--top-p", type=float, default=0.9, help="(%(default)s, as in the source material)")
     parser.add_argument("--greedy", action="store_true", help="one deterministic continuation instead of samples")
@@ -258,7 +335,7 @@ def main(argv=None) -> int:
     results, forecasts, scored = run_forecasts(model, tokenizer, series, args.context, args.horizon,
                                                bool(args.adapter), args.samples, temperature, args.top_p, args.seed,
                                                zero_shot=not args.no_zero_shot, batch_systems=args.batch_systems)
-    table = markdown_table(results, len(scored))
+    table = markdown_table(results, len(scored), 1 if args.greedy else args.samples)
     settings = (f"{args.model} ({held_dtype(model)}), context {args.context}, horizon {args.horizon}, "
                 + ("greedy" if args.greedy else f"median of {args.samples} samples (T={args.temperature}, "
                                                 f"top-p={args.top_p})"))

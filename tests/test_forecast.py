@@ -11,13 +11,17 @@ from data.instructions import save_instructions
 from data.lotka_volterra import create_dataset
 from eval import forecast
 from eval.generate import generate
+from eval.baselines import persistence
 from eval.forecast import (
+    AUTOREGRESSION,
+    PHYSICS,
+    band_coverage,
+    calibrated_coverage,
+    crps,
     errors,
-    linear_extrapolation,
     main,
     model_forecast,
     model_forecasts,
-    persistence,
     run_forecasts,
     wrote_horizon,
 )
@@ -48,16 +52,28 @@ def writes_nonsense(model, input_ids, max_new_tokens, **settings):
     return torch.tensor([TOKENIZER("hello, world").input_ids] * len(prompt_texts(input_ids, **settings)))
 
 
-def test_persistence_repeats_the_last_value():
-    context = np.array([[1.0, 2.0], [3.0, 4.0]])
-    assert_allclose(persistence(context, 3), [[3.0, 4.0]] * 3)
+def test_crps_equals_a_direct_computation_on_a_small_example():
+    # Samples 1, 2, 4 and truth 3: mean distance (2 + 1 + 1) / 3; pairwise distances 12 over 2 * 3 * 2.
+    assert crps(np.array([1.0, 2.0, 4.0]), np.array(3.0)) == pytest.approx(4 / 3 - 12 / 12, abs=1e-15)
 
 
-def test_linear_extrapolation_continues_a_straight_line_exactly():
-    t = np.arange(20.0)
-    context = np.stack([2.0 + 0.5 * t, 10.0 - 0.25 * t], axis=1)
-    future = np.arange(20.0, 26.0)
-    assert_allclose(linear_extrapolation(context, 6), np.stack([2.0 + 0.5 * future, 10.0 - 0.25 * future], axis=1))
+def test_crps_of_a_single_sample_is_the_absolute_error():
+    assert_allclose(crps(np.array([[1.0, -2.0]]), np.array([3.0, 1.0])), [2.0, 3.0])
+
+
+def test_crps_rewards_a_spread_that_covers_the_truth():
+    truth = np.array(0.0)
+    assert crps(np.array([-1.0, 1.0]), truth) < crps(np.array([1.0, 1.0]), truth)
+
+
+def test_a_calibrated_band_covers_90_percent_only_with_many_samples():
+    assert calibrated_coverage(2000, trials=5000) == pytest.approx(0.9, abs=0.01)
+    assert calibrated_coverage(5) < 0.65 < calibrated_coverage(20) < 0.85
+
+
+def test_band_coverage_counts_the_truths_inside_the_5_to_95_percentiles():
+    samples = np.repeat(np.arange(101.0)[:, None], 5, axis=1)  # percentiles 5 and 95 are 5 and 95
+    assert band_coverage(samples, np.array([0.0, 5.0, 50.0, 95.0, 96.0])) == pytest.approx(3 / 5)
 
 
 def test_errors_are_mean_absolute_and_squared_differences():
@@ -155,7 +171,29 @@ def test_command_writes_a_markdown_table(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
     assert main(["--model", "tiny-llama", "--systems", "3", "--samples", "2", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "forecast.md").read_text()
-    assert "| persistence |" in table and "| linear extrapolation |" in table and "| base model, zero-shot |" in table
+    for method in ("persistence", "linear extrapolation", "base model, zero-shot", AUTOREGRESSION, PHYSICS):
+        assert f"| {method} |" in table
+
+
+def test_crps_and_coverage_are_given_for_distributions_of_at_least_20_samples(monkeypatch):
+    monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
+    for samples, spread in ((20, True), (5, False)):
+        results, forecasts, scored = run_forecasts(tiny_model(), TOKENIZER, SERIES[:2], context=50, horizon=10,
+                                                   adapter=False, samples=samples, temperature=0.7, top_p=0.9, seed=0)
+        for method in ("base model, zero-shot", AUTOREGRESSION):
+            assert ("crps" in results[method]) == spread and ("coverage" in results[method]) == spread
+        for method in ("persistence", "linear extrapolation", PHYSICS):
+            assert "crps" not in results[method]
+        if spread:  # the stand-in writes the same continuation in every sample: CRPS is then the absolute error
+            assert results["base model, zero-shot"]["crps"] == pytest.approx(results["base model, zero-shot"]["mae"])
+
+
+def test_the_physics_fit_is_the_limit_on_noise_free_systems(monkeypatch):
+    monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
+    results, _, _ = run_forecasts(tiny_model(), TOKENIZER, SERIES[:2], context=50, horizon=10, adapter=False,
+                                  samples=1, temperature=0.0, top_p=1.0, seed=0)
+    assert results[PHYSICS]["mae"] < 1e-6 < min(result["mae"] for result in results.values() if result is not
+                                                results[PHYSICS])
 
 
 def test_no_zero_shot_leaves_the_base_model_out_of_the_table(tmp_path, capsys, monkeypatch):
