@@ -16,6 +16,12 @@ or its step too coarse.
 The dataset has the shape of the source material, 1,000 systems of 100 time points, each system
 with its own (alpha, beta, delta, gamma) and starting point. It is split *by system* into
 train/validation/test, so the model is never trained on any part of a test system.
+
+Real counts are noisy. ``create_dataset(noise=0.05)`` observes each value with multiplicative
+log-normal noise, ``x * exp(0.05 z)`` with z ~ N(0, 1) drawn afresh for every value (about 5%
+either way; a population stays positive, and a large one is as uncertain, relatively, as a
+small one). The dataset keeps both: ``series`` is what is observed, ``clean`` the solution of
+the equations, so a forecast can be scored against what a user would have and against the truth.
 """
 
 import os
@@ -48,7 +54,9 @@ SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 # The split shuffles with the random stream of seed [seed, SPLIT_STREAM], not of seed, so which
 # system lands in which split does not reuse the random numbers that drew its parameters.
 SPLIT_STREAM = 1
+NOISE_STREAM = 2  # the observation noise's stream, [seed, NOISE_STREAM]: adding noise changes no other draw
 ARRAYS = ("times", "series", "params", *(f"split_{name}" for name in SPLITS))
+NOISY_ARRAYS = ("clean", "noise")  # written only for a noisy dataset; a file without them is noise-free
 
 
 def derivatives(state: np.ndarray, params: np.ndarray) -> np.ndarray:
@@ -123,6 +131,29 @@ def simulate(n_systems: int, n_steps: int, dt: float = DT, seed: int = 0, subste
     return times, integrate(initial, params, n_steps, float(dt), substeps), params
 
 
+def observe(series: np.ndarray, noise: float, seed: int = 0) -> np.ndarray:
+    """``series`` as observed with multiplicative log-normal noise: ``series * exp(noise * z)``, z ~ N(0, 1).
+
+    One z per value, from the random stream ``[seed, NOISE_STREAM]``; ``noise = 0`` returns a
+    copy of ``series``. ``noise = 0.05`` is about 5% either way.
+
+    Raises:
+        ValueError: ``noise`` is negative or not finite.
+    """
+    check_noise(noise)
+    if noise == 0:
+        return series.copy()
+    z = np.random.default_rng([seed, NOISE_STREAM]).standard_normal(series.shape)
+    return series * np.exp(noise * z)
+
+
+def check_noise(noise) -> None:
+    """Raise unless ``noise`` is a finite number >= 0 (the standard deviation of the log of the noise factor)."""
+    if not (isinstance(noise, (int, float, np.floating)) and not isinstance(noise, bool) and np.isfinite(noise)
+            and noise >= 0):
+        raise ValueError(f"noise must be a finite number >= 0 (0.05: about 5% observation noise), got {noise!r}")
+
+
 def _check_count(name: str, value, minimum: int) -> None:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -166,21 +197,26 @@ class LotkaVolterraData:
 
     Attributes:
         times: ``(n_steps,)`` sample times.
-        series: ``(n_systems, n_steps, 2)`` populations, ``[..., 0]`` prey and ``[..., 1]`` predator.
+        series: ``(n_systems, n_steps, 2)`` populations as observed, ``[..., 0]`` prey and ``[..., 1]`` predator.
         params: ``(n_systems, 4)`` columns alpha, beta, delta, gamma.
         splits: split name -> sorted indices of its systems; together they hold every system once.
+        clean: the populations without observation noise; None when there is none (then ``series``).
+        noise: the observation noise (``observe``); 0 for noise-free series.
     """
 
     times: np.ndarray
     series: np.ndarray
     params: np.ndarray
     splits: dict[str, np.ndarray]
+    clean: np.ndarray | None = None
+    noise: float = 0.0
 
-    def split(self, name: str) -> np.ndarray:
-        """The series of one split's systems, ``(n_in_split, n_steps, 2)``."""
+    def split(self, name: str, clean: bool = False) -> np.ndarray:
+        """The series of one split's systems, ``(n_in_split, n_steps, 2)``: as observed, or ``clean``."""
         if name not in self.splits:
             raise KeyError(f"no split {name!r}; the splits are {list(self.splits)}")
-        return self.series[self.splits[name]]
+        series = self.clean if clean and self.clean is not None else self.series
+        return series[self.splits[name]]
 
 
 def create_dataset(
@@ -189,10 +225,19 @@ def create_dataset(
     seed: int = 0,
     dt: float = DT,
     fractions=SPLIT_FRACTIONS,
+    noise: float = 0.0,
 ) -> LotkaVolterraData:
-    """Simulate ``n_systems`` systems and split them by system; the same arguments give the same bytes."""
+    """Simulate ``n_systems`` systems and split them by system; the same arguments give the same bytes.
+
+    ``noise`` > 0 observes them with multiplicative log-normal noise (``observe``); the systems,
+    their split and the clean series are those of ``noise = 0``.
+    """
     times, series, params = simulate(n_systems, n_steps, dt=dt, seed=seed)
-    return LotkaVolterraData(times, series, params, split_systems(n_systems, fractions, seed))
+    splits = split_systems(n_systems, fractions, seed)
+    if noise == 0:
+        check_noise(noise)
+        return LotkaVolterraData(times, series, params, splits)
+    return LotkaVolterraData(times, observe(series, noise, seed), params, splits, clean=series, noise=float(noise))
 
 
 def save_dataset(data: LotkaVolterraData, path: str | os.PathLike) -> Path:
@@ -203,6 +248,8 @@ def save_dataset(data: LotkaVolterraData, path: str | os.PathLike) -> Path:
     path = Path(path)
     arrays = {"times": data.times, "series": data.series, "params": data.params}
     arrays.update({f"split_{name}": indices for name, indices in data.splits.items()})
+    if data.clean is not None:
+        arrays.update(clean=data.clean, noise=np.array(data.noise))
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary: Path) -> None:
@@ -238,7 +285,7 @@ def load_dataset(path: str | os.PathLike) -> LotkaVolterraData:
             if name not in archive.files:
                 raise ValueError(f"{path}: array {name!r} is missing; the file holds {archive.files}")
         try:
-            arrays = {name: archive[name] for name in ARRAYS}
+            arrays = {name: archive[name] for name in (*ARRAYS, *NOISY_ARRAYS) if name in archive.files}
         except ValueError as error:  # an object array, which would need unpickling
             raise ValueError(f"{path}: not a readable .npz file ({error})") from None
     series = arrays["series"]
@@ -252,4 +299,8 @@ def load_dataset(path: str | os.PathLike) -> LotkaVolterraData:
     every_system = np.sort(np.concatenate(list(splits.values())))
     if not np.array_equal(every_system, np.arange(n_systems)):
         raise ValueError(f"{path}: the split_* arrays must hold each system index 0..{n_systems - 1} exactly once")
-    return LotkaVolterraData(arrays["times"], series, arrays["params"], splits)
+    if ("clean" in arrays) != ("noise" in arrays) or ("clean" in arrays and arrays["clean"].shape != series.shape):
+        raise ValueError(f"{path}: a noisy dataset holds 'clean' of the shape of 'series' {series.shape} and 'noise'; "
+                         "write it with save_dataset")
+    noise = float(arrays["noise"]) if "noise" in arrays else 0.0
+    return LotkaVolterraData(arrays["times"], series, arrays["params"], splits, arrays.get("clean"), noise)

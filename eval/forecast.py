@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from data.llmtime import decode, encode, fit_scaler
 from data.sequences import pad_token_id
-from data.tasks import task_split
+from data.tasks import series_dataset
 from eval.baselines import autoregression, linear_extrapolation, persistence, physics_fit
 from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
 from eval.generate import generate, left_pad
@@ -187,19 +187,24 @@ def markdown_table(results: dict[str, dict], n_systems: int, samples: int = MIN_
     ``MIN_SAMPLES_FOR_SPREAD`` samples; "-" elsewhere. ``samples``: how many each drew, for the
     footnote's calibrated coverage.
     """
+    noisy = any("mae_clean" in result for result in results.values())
     lines = [
-        "| method | MAE | MSE | MAE step 1 | MAE last step | CRPS | 5-95% coverage | well-formed |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | MAE | MSE | MAE step 1 | MAE last step | CRPS | 5-95% coverage |"
+        + (" MAE against the clean truth |" if noisy else "") + " well-formed |",
+        "| --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if noisy else "") + " --- |",
     ]
     for method, result in results.items():
         if "mae" not in result:
-            lines.append(f"| {method} | - | - | - | - | - | - | {result['well_formed']:.0%} |")
+            lines.append(f"| {method} | - | - | - | - | - | - |{' - |' if noisy else ''} {result['well_formed']:.0%} |")
             continue
         spread = (f"{result['crps']:.3f} | {result['coverage']:.0%}" if "crps" in result else "- | -")
+        clean = f" {result['mae_clean']:.3f} |" if noisy else ""
         lines.append(f"| {method} | {result['mae']:.3f} | {result['mse']:.3f} | {result['mae_by_step'][0]:.3f} | "
-                     f"{result['mae_by_step'][-1]:.3f} | {spread} | {result['well_formed']:.0%} |")
+                     f"{result['mae_by_step'][-1]:.3f} | {spread} |{clean} {result['well_formed']:.0%} |")
     lines.append(f"\nScored on the {n_systems} held-out systems where every method with any well-formed forecast "
-                 "produced one; MAE, MSE and CRPS in the original units (prey and predator populations). CRPS and "
+                 "produced one"
+                 + (", against the noisy observations (the clean truth's MAE beside them)" if noisy else "")
+                 + "; MAE, MSE and CRPS in the original units (prey and predator populations). CRPS and "
                  f"coverage for the methods that give at least {MIN_SAMPLES_FOR_SPREAD} samples"
                  + (f" (a calibrated forecast's 5-95% band of {samples} samples covers "
                     f"{calibrated_coverage(samples):.0%} on average)" if samples >= MIN_SAMPLES_FOR_SPREAD else "")
@@ -249,11 +254,13 @@ def plot_forecasts(path: Path, contexts, truths, forecasts: dict[str, list[Model
 
 def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: int, adapter: bool, samples: int,
                   temperature: float, top_p: float, seed: int, zero_shot: bool = True,
-                  batch_systems: int = BATCH_SYSTEMS) -> tuple[dict, dict, list[int]]:
+                  batch_systems: int = BATCH_SYSTEMS, clean: np.ndarray | None = None) -> tuple[dict, dict, list[int]]:
     """Forecast every system with the adapter (if ``adapter``), the base model (if ``zero_shot``) and the baselines.
 
     The model forecasts ``batch_systems`` systems per batch (``model_forecasts``); the batch
-    starting at system i samples with seed ``seed + i``.
+    starting at system i samples with seed ``seed + i``. Forecasts are scored against ``series``,
+    the observations; with ``clean`` (the same systems without observation noise) each method's
+    MAE against the clean truth is given too (``mae_clean``).
 
     Returns:
         ``(metrics, forecasts, scored)``: per-method metrics over the ``scored`` systems (those
@@ -290,6 +297,9 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
         well_formed = [point is not None for point in per_system]
         results[method] = errors(truths[scored], np.stack([per_system[i] for i in scored])) if (
             method in producing and scored) else {}
+        if results[method] and clean is not None:
+            clean_truths = clean[scored, context : context + horizon]
+            results[method]["mae_clean"] = errors(clean_truths, np.stack([per_system[i] for i in scored]))["mae"]
         distribution = method in forecasts and method != PHYSICS and samples >= MIN_SAMPLES_FOR_SPREAD
         if results[method] and distribution:
             results[method].update(spread_scores(truths[scored], [forecasts[method][i].samples for i in scored]))
@@ -302,6 +312,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.forecast", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--data", help="a .npz from save_dataset; default: the simulated data of training")
+    parser.add_argument("--noise", type=float, default=0.0,
+                        help="observe the simulated held-out systems with multiplicative log-normal noise (0.05: "
+                             "about 5%%), scored against the noisy values, with the clean truth's MAE beside "
+                             "(%(default)s)")
     parser.add_argument("--systems", type=int, default=50, help="held-out test systems to forecast (%(default)s)")
     parser.add_argument("--context", type=int, default=50, help="steps shown to the model (%(default)s)")
     parser.add_argument("--horizon", type=int, default=10, help="steps to forecast (%(default)s)")
@@ -320,7 +334,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/forecast"), help="folder for the table and plot")
     args = parser.parse_args(argv)
     try:
-        series = task_split("llmtime", "test", args.data)[: args.systems]
+        dataset = series_dataset(args.data, args.noise)
+        series = dataset.split("test")[: args.systems]
+        clean = dataset.split("test", clean=True)[: args.systems] if dataset.clean is not None else None
         if args.context < 2 or args.horizon < 1 or args.context + args.horizon > series.shape[1]:
             raise ValueError(f"--context {args.context} + --horizon {args.horizon} must fit in the series' "
                              f"{series.shape[1]} steps, with a context of at least 2")
@@ -334,9 +350,12 @@ def main(argv=None) -> int:
     temperature = 0.0 if args.greedy else args.temperature
     results, forecasts, scored = run_forecasts(model, tokenizer, series, args.context, args.horizon,
                                                bool(args.adapter), args.samples, temperature, args.top_p, args.seed,
-                                               zero_shot=not args.no_zero_shot, batch_systems=args.batch_systems)
+                                               zero_shot=not args.no_zero_shot, batch_systems=args.batch_systems,
+                                               clean=clean)
     table = markdown_table(results, len(scored), 1 if args.greedy else args.samples)
-    settings = (f"{args.model} ({held_dtype(model)}), context {args.context}, horizon {args.horizon}, "
+    settings = (f"{args.model} ({held_dtype(model)}), "
+                + (f"{dataset.noise:g} observation noise, " if dataset.clean is not None else "")
+                + f"context {args.context}, horizon {args.horizon}, "
                 + ("greedy" if args.greedy else f"median of {args.samples} samples (T={args.temperature}, "
                                                 f"top-p={args.top_p})"))
     print(settings)

@@ -231,3 +231,17 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, messa
     assert main(["--model", "tiny-llama", "--out", str(tmp_path), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_noisy_systems_are_scored_against_the_observations_with_the_clean_mae_beside(monkeypatch, tmp_path):
+    monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
+    noisy = create_dataset(n_systems=100, seed=0, noise=0.15)
+    results, _, _ = run_forecasts(tiny_model(), TOKENIZER, noisy.split("test")[:3], context=50, horizon=10,
+                                  adapter=False, samples=1, temperature=0.0, top_p=1.0, seed=0,
+                                  clean=noisy.split("test", clean=True)[:3])
+    # The physics fit forecasts the clean trajectory: nearer the truth than the noisy values are.
+    assert results[PHYSICS]["mae_clean"] < results[PHYSICS]["mae"]
+    assert main(["--model", "tiny-llama", "--systems", "2", "--samples", "1", "--noise", "0.05",
+                 "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "forecast.md").read_text()
+    assert "0.05 observation noise" in table and "| MAE against the clean truth |" in table

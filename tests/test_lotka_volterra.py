@@ -9,6 +9,7 @@ from data.lotka_volterra import (
     create_dataset,
     integrate,
     load_dataset,
+    observe,
     rk4_step,
     save_dataset,
     simulate,
@@ -203,3 +204,39 @@ def test_overlapping_splits_are_refused(tmp_path):
     data.splits["test"] = data.splits["train"][:1]  # a training system in the test split
     with pytest.raises(ValueError, match=r"lv\.npz: the split_\* arrays must hold each system index 0\.\.9"):
         load_dataset(save_dataset(data, tmp_path / "lv.npz"))
+
+
+def test_observation_noise_is_multiplicative_log_normal_of_the_size_asked():
+    data = create_dataset(noise=0.05)
+    log_ratio = np.log(data.series / data.clean)
+    assert abs(log_ratio.mean()) < 0.001 and log_ratio.std() == pytest.approx(0.05, rel=0.01)
+    assert (data.series > 0).all()
+
+
+def test_noise_changes_no_other_draw():
+    clean, noisy = create_dataset(), create_dataset(noise=0.15)
+    np.testing.assert_array_equal(noisy.clean, clean.series)
+    np.testing.assert_array_equal(noisy.params, clean.params)
+    for part in ("train", "validation", "test"):
+        np.testing.assert_array_equal(noisy.splits[part], clean.splits[part])
+        np.testing.assert_array_equal(noisy.split(part, clean=True), clean.split(part))
+    assert noisy.noise == 0.15 and clean.noise == 0 and clean.clean is None
+
+
+def test_no_noise_observes_the_series_exactly():
+    series = simulate(3, 10)[1]
+    np.testing.assert_array_equal(observe(series, 0.0), series)
+
+
+def test_a_noisy_dataset_saves_and_loads_with_its_clean_series(tmp_path):
+    data = create_dataset(n_systems=20, n_steps=12, noise=0.05)
+    loaded = load_dataset(save_dataset(data, tmp_path / "noisy.npz"))
+    np.testing.assert_array_equal(loaded.series, data.series)
+    np.testing.assert_array_equal(loaded.clean, data.clean)
+    assert loaded.noise == 0.05
+
+
+@pytest.mark.parametrize("noise", [-0.05, float("nan"), float("inf"), True])
+def test_bad_noise_is_a_one_line_error(noise):
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
+        create_dataset(n_systems=10, n_steps=5, noise=noise)

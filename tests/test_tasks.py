@@ -62,3 +62,19 @@ def test_a_missing_data_file_names_what_the_task_takes(task, kind):
 def test_an_unknown_task_or_part_is_named(task, part):
     with pytest.raises(ValueError, match="must be one of"):
         task_split(task, part)
+
+
+def test_llmtime_parts_with_noise_are_the_noisy_observations_of_the_same_systems():
+    noisy = task_parts("llmtime", noise=0.05)
+    dataset = create_dataset(seed=DATASET_SEED, noise=0.05)
+    for part in PARTS:
+        np.testing.assert_array_equal(noisy[part], dataset.split(part))
+
+
+@pytest.mark.parametrize("task, data, message", [
+    ("llmtime", "lv.npz", "--noise 0.05 applies to the simulated series; lv.npz holds its own observations"),
+    ("instruct", None, "--noise is for the llmtime task's series"),
+])
+def test_noise_where_it_does_not_apply_is_refused(task, data, message):
+    with pytest.raises(ValueError, match=message):
+        task_parts(task, data, noise=0.05)

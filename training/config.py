@@ -36,6 +36,8 @@ class TrainConfig:
     task: str = option("llmtime", "llmtime: forecast predator-prey series; instruct: follow instructions")
     data: str | None = option(None, "llmtime: a .npz from save_dataset; instruct: Alpaca .json or .jsonl; "
                               "default: simulated series / the embedded generated tasks")
+    noise: float = option(0.0, "llmtime: observe the simulated series with multiplicative log-normal noise "
+                          "(0.05: about 5 percent), training and validation alike; 0: the equations' clean solutions")
     # The adapter.
     targets: str = option("q_proj,v_proj", "comma-separated module names to adapt; q and v are the LoRA paper's "
                           "choice for a small budget")
@@ -103,6 +105,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         checks = [
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (math.isfinite(self.noise) and self.noise >= 0, f"--noise must be a number >= 0, got {self.noise}"),
+            (self.noise == 0 or (self.task == "llmtime" and self.data is None),
+             "--noise applies to the llmtime task's simulated series only (not to --task instruct or --data)"),
             (self.quantize in QUANTIZATIONS,
              f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {self.quantize!r}"),
             (not self.double_quant or self.quantize == "nf4", "--double-quant needs --quantize nf4"),
