@@ -37,9 +37,9 @@ TINY = dict(model="tiny-llama", steps=2, eval_batches=1)
 real_task_parts = data.tasks.task_parts
 
 
-def few_examples(task, path=None):
+def few_examples(task, path=None, noise=0.0):
     """The task's first 40 train and 8 validation records: tokenizing all 12,000 would take most of each run."""
-    parts = real_task_parts(task, path)
+    parts = real_task_parts(task, path, noise)
     return {**parts, "train": parts["train"][:40], "validation": parts["validation"][:8]}
 
 
