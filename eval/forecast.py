@@ -300,7 +300,8 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
         if results[method] and clean is not None:
             clean_truths = clean[scored, context : context + horizon]
             results[method]["mae_clean"] = errors(clean_truths, np.stack([per_system[i] for i in scored]))["mae"]
-        distribution = method in forecasts and method != PHYSICS and samples >= MIN_SAMPLES_FOR_SPREAD
+        # A distribution: samples were asked for, and the method gives more than one (the physics fit gives a point).
+        distribution = samples >= MIN_SAMPLES_FOR_SPREAD and any(len(f.samples) > 1 for f in forecasts.get(method, []))
         if results[method] and distribution:
             results[method].update(spread_scores(truths[scored], [forecasts[method][i].samples for i in scored]))
         results[method]["well_formed"] = float(np.mean(well_formed))

@@ -121,8 +121,9 @@ def unplug(model: nn.Module, layers: dict[str, nn.Module], warn: bool = True) ->
         model.set_submodule(path, layer.base_layer, strict=True)
 
 
-def plug(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    """Put each layer at its path, on its base's device and in the model's train/eval mode."""
+def plug(model: nn.Module, layers: dict[str, nn.Module], merged: bool = False) -> None:
+    """Put each layer at its path, on its base's device and in the model's train/eval mode; ``merged``: merge
+    each again (it was merged when ``unplug(..., warn=False)`` took it out)."""
     for path, layer in layers.items():
         layer.to(next(layer.base_layer.parameters()).device)  # model.to() moved the base, not waiting adapters
         for name, parameter in layer.named_parameters():
@@ -130,6 +131,8 @@ def plug(model: nn.Module, layers: dict[str, nn.Module]) -> None:
                 parameter.requires_grad_(True)
         layer.train(model.training)
         model.set_submodule(path, layer, strict=True)
+        if merged:
+            layer.merge()
 
 
 def check_name(name: str) -> None:
@@ -170,20 +173,14 @@ def new_adapter(model: nn.Module, name: str) -> Iterator[None]:
             raise ValueError(f"no LoRA layer was added for the adapter {name!r}")
     except BaseException:
         unplug(model, dict(adapted_modules(model)))
-        plug(model, active)
-        if merged:
-            for layer in active.values():
-                layer.merge()
+        plug(model, active, merged)
         raise
     adapters.layers[name] = made
     if adapters.active is None:
         adapters.active = name  # the first adapter is the active one
     else:
         unplug(model, made)
-        plug(model, active)
-        if merged:
-            for layer in active.values():
-                layer.merge()
+        plug(model, active, merged)
 
 
 def add_adapter(model: nn.Module, name: str, **settings) -> list[str]:
@@ -265,8 +262,5 @@ def adapter_active(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         unplug(model, adapters.layers[name])
-        plug(model, adapters.layers[before])
+        plug(model, adapters.layers[before], merged)
         adapters.active = before
-        if merged:
-            for layer in adapters.layers[before].values():
-                layer.merge()
