@@ -27,8 +27,8 @@ def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
     """
     if not _is_number(r, numbers.Integral) or r <= 0:
         raise ValueError(f"r must be a positive integer (the rank of B @ A), got {r!r}")
-    if not _is_number(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0 (scaling = alpha / r), got {alpha!r}")
+    if not _is_number(alpha, numbers.Real) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite number > 0 (scaling = alpha / r), got {alpha!r}")
     if not _is_number(dropout, numbers.Real) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
 

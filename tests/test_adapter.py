@@ -259,7 +259,7 @@ def test_malformed_config_names_the_line(saved):
         ("target_modules", "q_proj(", r"target_modules 'q_proj\(' is not a regular expression"),
         ("use_dora", 1, "use_dora is 1; it must be true or false"),
         ("r", 0, "adapter_config.json: r must be a positive integer"),
-        ("lora_alpha", "16", "adapter_config.json: alpha must be a number > 0"),
+        ("lora_alpha", "16", "adapter_config.json: alpha must be a finite number > 0"),
     ],
 )
 def test_config_field_that_cannot_load_is_named(saved, field, value, message):

@@ -99,7 +99,7 @@ def test_a_runs_config_json_repeats_the_run(tmp_path):
         (["--task", "translate"], "--task must be one of llmtime, instruct"),
         (["--lora-path", "fast"], "--lora-path must be one of plain, fused, got 'fast'"),
         (["--r", "0"], r"--r must be a positive integer \(the rank of B @ A\), got 0"),
-        (["--alpha", "0"], r"--alpha must be a number > 0 \(scaling = alpha / r\), got 0.0"),
+        (["--alpha", "0"], r"--alpha must be a finite number > 0 \(scaling = alpha / r\), got 0.0"),
         (["--dropout", "1"], r"--dropout must be a number in \[0, 1\), got 1.0"),
         (["--quantize", "int8"], "--quantize must be one of none, nf4, got 'int8'"),
         (["--double-quant"], "--double-quant needs --quantize nf4"),
