@@ -94,10 +94,12 @@ def test_each_variant_changes_exactly_its_one_setting_of_the_loop(tmp_path):
 def test_the_study_trains_one_run_per_variant_in_order_from_one_start(study):
     _, rows, built = study
     assert [row["variant"] for row in rows] == list(VARIANTS) and list(built) == list(VARIANTS)
-    # LoRA, rsLoRA, DoRA and LoRA+ start at the base model exactly (B = 0; DoRA's scale is 1); PiSSA to SVD rounding.
+    # LoRA, rsLoRA, DoRA and LoRA+ start at the base model exactly (B = 0; DoRA's scale is 1). PiSSA starts at
+    # base = residual + B A, with the residual W - B A rounded to the base's dtype: bf16 where the CPU computes it
+    # natively (8 bits of mantissa), which moved the loss by 1.3e-4 of itself on an AMD EPYC (under 1e-4 on a Xeon).
     starts = {row["variant"]: row["val_loss_start"] for row in rows}
     assert len({starts[name] for name in ("lora", "rslora", "dora", "loraplus")}) == 1
-    assert math.isclose(starts["pissa"], starts["lora"], rel_tol=1e-4)
+    assert math.isclose(starts["pissa"], starts["lora"], rel_tol=1e-3)
 
 
 def test_plain_lora_is_the_papers_layer_and_one_adamw_learning_rate(study):
