@@ -34,6 +34,7 @@ those columns empty.
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from data.tasks import series_dataset
 from eval.baselines import autoregression, linear_extrapolation, persistence, physics_fit
 from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
 from eval.generate import generate, left_pad
+from eval.provenance import provenance, rerun_command
 from lora import disable_lora
 
 # The fewest samples for the CRPS and coverage columns: the 5-95% band of few samples lies inside
@@ -310,6 +312,7 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
 
 
 def main(argv=None) -> int:
+    start = time.monotonic()
     parser = argparse.ArgumentParser(prog="python -m eval.forecast", description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     parser.add_argument("--data", help="a .npz from save_dataset; default: the simulated data of training")
@@ -362,7 +365,8 @@ def main(argv=None) -> int:
     print(settings)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "forecast.md").write_text(f"{settings}\n\n{table}\n")
+    made = provenance(rerun_command("eval.forecast", argv), time.monotonic() - start)  # command, date, machine
+    (args.out / "forecast.md").write_text(f"{made}\n\n{settings}\n\n{table}\n")
     contexts, truths = series[:, : args.context], series[:, args.context : args.context + args.horizon]
     if plot_forecasts(args.out / "forecast.png", contexts, truths, forecasts):
         print(f"saved {args.out}/forecast.md and {args.out}/forecast.png")

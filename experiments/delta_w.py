@@ -43,6 +43,7 @@ from data.collate import PadCollator
 from data.sequences import pad_token_id
 from data.tasks import build_task
 from eval.perplexity import summed_nll
+from eval.provenance import provenance, rerun_command
 from lora import LoRALinear, cast_frozen
 from lora.adapter import CONFIG_NAME, WEIGHTS_NAME, adapter_key, read_adapter_config
 from lora.inject import find_targets
@@ -52,7 +53,6 @@ from training.config import TrainConfig
 from training.loop import accumulate_gradients, step_plan, train, validation_examples
 from training.schedule import get_lr
 
-from experiments.rank_study import machine
 
 KINDS = ("q_proj", "v_proj")  # the LoRA paper's choice of targets, and the training loop's default
 ENERGY = 0.9  # the report's "rank that holds 90% of ΔW's energy"
@@ -481,8 +481,8 @@ def report_tables(results: dict, r: int) -> list[str]:
     parts = ["\n".join(lines)]
     if r in results["adapters"]:
         amplification = amplification_rows(results["fine_tune"], results["adapters"], r)
-        lines = [f"| module | ΔW from | ‖ΔW‖_F | ‖W‖_F | ‖UᵀWV‖_F, U,V of ΔW | ‖UᵀWV‖_F, U,V of W | "
-                 f"‖UᵀWV‖_F, random U,V | amplification ‖ΔW‖_F / ‖UᵀWV‖_F |",
+        lines = ["| module | ΔW from | ‖ΔW‖_F | ‖W‖_F | ‖UᵀWV‖_F, U,V of ΔW | ‖UᵀWV‖_F, U,V of W | "
+                 "‖UᵀWV‖_F, random U,V | amplification ‖ΔW‖_F / ‖UᵀWV‖_F |",
                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for kind in KINDS:
             for source in (f"LoRA r={r}", "full fine-tune"):
@@ -552,7 +552,7 @@ def write_report(results: dict, config: DeltaConfig, command: str, seconds: floa
                   f"{run['summary']['val_loss_end']:.4f}" for rank, run in results["adapters"].items()]
     parts = [
         "# Is ΔW really low-rank?\n",
-        f"`{command}`, {time.strftime('%Y-%m-%d', time.gmtime())}, {seconds / 60:.0f} min on {machine()}. "
+        provenance(command, seconds) + " "
         f"Model {config.model}, instruct task, batch 2. Full fine-tuning of every q_proj and v_proj weight "
         f"(everything else frozen): {config.steps} AdamW steps, peak lr {config.lr:g} with warm-up and cosine "
         f"decay, validation loss {fine_tune.val_loss_start:.4f} -> {fine_tune.val_loss_end:.4f}. LoRA "
@@ -609,7 +609,7 @@ def main(argv=None) -> int:
               f"one of them (got --ranks {config.ranks} --r {config.r}); e.g. --ranks 8,32 --r 8", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    command = " ".join(["python -m experiments.delta_w", *(sys.argv[1:] if argv is None else argv)])
+    command = rerun_command("experiments.delta_w", argv)
     with tempfile.TemporaryDirectory(prefix="delta_w-") as temporary:
         results = run_experiment(config, Path(config.runs_folder or temporary))
     path = write_report(results, config, command, time.perf_counter() - start)

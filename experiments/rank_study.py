@@ -26,9 +26,6 @@ folders (adapters, metrics) go to ``--runs-folder``, a temporary folder by defau
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +35,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from eval.provenance import provenance, rerun_command
 from lora import count_parameters, inject_lora, parse_targets
 from models.loader import EMBEDDED, load_config
 from training.config import TrainConfig
@@ -217,27 +215,6 @@ def plot_study(rows: list[dict], png_path: Path) -> bool:
     return True
 
 
-def machine() -> str:
-    """The CPU's model name from lscpu (or the platform's processor string), and the core count."""
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        name = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        name = platform.processor() or "unknown CPU"
-    threads = torch.get_num_threads()
-    return f"{name}, {threads} torch thread{'' if threads == 1 else 's'}, torch {torch.__version__}"
-
-
-def rerun_command(module: str, argv: list[str] | None) -> str:
-    """The command line that reruns this study, for its report: ``argv`` (or the process's), with OMP_NUM_THREADS.
-
-    The thread count is part of how to rerun it: on a CPU shared with other jobs, OMP_NUM_THREADS=1
-    avoids threads spinning against each other (about 30x faster there than 2 threads each).
-    """
-    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
-    return " ".join([f"{threads}python -m {module}", *(sys.argv[1:] if argv is None else argv)])
-
-
 def findings(rows: list[dict]) -> list[str]:
     """Sentences stating what the numbers show, computed from them: each rule's range over r, where
     the two rules part, and the order of the Table 5 target sets."""
@@ -276,7 +253,7 @@ def write_report(rows: list[dict], config: StudyConfig, command: str, seconds: f
     plotted = plot_study(rows, out / "rank_study.png")
     parts = [
         "# Rank and alpha, measured\n",
-        f"`{command}`, {time.strftime('%Y-%m-%d', time.gmtime())}, {seconds / 60:.0f} min on {machine()}. "
+        provenance(command, seconds) + " "
         f"Model {config.model}, instruct task, {config.steps} steps of batch 2 per run (the training loop's "
         "defaults otherwise: lr 1e-3 with warm-up and cosine decay, seed 0), validation loss on the same "
         "held-out batches before and after. One seed and one data order per run: a small difference between "

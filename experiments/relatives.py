@@ -43,7 +43,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from data.tasks import build_task
-from experiments.rank_study import machine, rerun_command
+from eval.provenance import provenance, rerun_command
 from lora import count_parameters, inject_lora, parse_targets
 from models.loader import EMBEDDED, load_config, load_tokenizer
 from training.config import TrainConfig
@@ -281,7 +281,7 @@ def write_report(rows: list[dict], config: StudyConfig, command: str, seconds: f
               "frozen model, activations, adapter, gradients and AdamW's state, and Python and torch themselves.")
     parts = [
         "# LoRA's relatives, measured\n",
-        f"`{command}`, {time.strftime('%Y-%m-%d', time.gmtime())}, {seconds / 60:.0f} min on {machine()}. "
+        provenance(command, seconds) + " "
         f"Model {config.model}, instruct task ({config.data or 'the embedded generated tasks'}), {config.steps} "
         f"steps of batch 2 per run, r = {config.r}, "
         f"alpha = {config.alpha:g}, LoRA on {config.targets}, lr {config.lr:g} for every variant (the loop's "

@@ -167,10 +167,13 @@ def test_a_method_with_no_well_formed_forecast_is_reported_not_scored(monkeypatc
     assert scored == [0, 1, 2] and "mae" in results["persistence"]
 
 
-def test_command_writes_a_markdown_table(tmp_path, capsys, monkeypatch):
+def test_command_writes_a_markdown_table_opening_with_the_command_that_reruns_it(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(forecast, "generate", writes_the_last_step_again)
-    assert main(["--model", "tiny-llama", "--systems", "3", "--samples", "2", "--out", str(tmp_path)]) == 0
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    argv = ["--model", "tiny-llama", "--systems", "3", "--samples", "2", "--out", str(tmp_path)]
+    assert main(argv) == 0
     table = (tmp_path / "forecast.md").read_text()
+    assert table.startswith(f"`python -m eval.forecast {' '.join(argv)}`, ")
     for method in ("persistence", "linear extrapolation", "base model, zero-shot", AUTOREGRESSION, PHYSICS):
         assert f"| {method} |" in table
 
@@ -204,7 +207,7 @@ def test_no_zero_shot_leaves_the_base_model_out_of_the_table(tmp_path, capsys, m
     argv = ["--model", "tiny-llama", "--adapter", str(tmp_path / "adapter"), "--systems", "2", "--samples", "1"]
     assert main([*argv, "--no-zero-shot", "--out", str(tmp_path)]) == 0
     table = (tmp_path / "forecast.md").read_text()
-    assert "| LoRA adapter |" in table and "| persistence |" in table and "zero-shot" not in table
+    assert "| LoRA adapter |" in table and "| persistence |" in table and "| base model, zero-shot |" not in table
 
 
 def write_wrong_inputs(folder):
