@@ -232,10 +232,10 @@ def create_dataset(
     ``noise`` > 0 observes them with multiplicative log-normal noise (``observe``); the systems,
     their split and the clean series are those of ``noise = 0``.
     """
+    check_noise(noise)
     times, series, params = simulate(n_systems, n_steps, dt=dt, seed=seed)
     splits = split_systems(n_systems, fractions, seed)
     if noise == 0:
-        check_noise(noise)
         return LotkaVolterraData(times, series, params, splits)
     return LotkaVolterraData(times, observe(series, noise, seed), params, splits, clean=series, noise=float(noise))
 

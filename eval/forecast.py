@@ -297,11 +297,12 @@ def run_forecasts(model, tokenizer, series: np.ndarray, context: int, horizon: i
     results = {}
     for method, per_system in points.items():
         well_formed = [point is not None for point in per_system]
-        results[method] = errors(truths[scored], np.stack([per_system[i] for i in scored])) if (
-            method in producing and scored) else {}
-        if results[method] and clean is not None:
-            clean_truths = clean[scored, context : context + horizon]
-            results[method]["mae_clean"] = errors(clean_truths, np.stack([per_system[i] for i in scored]))["mae"]
+        results[method] = {}
+        if method in producing and scored:
+            forecast = np.stack([per_system[i] for i in scored])
+            results[method] = errors(truths[scored], forecast)
+            if clean is not None:
+                results[method]["mae_clean"] = errors(clean[scored, context : context + horizon], forecast)["mae"]
         # A distribution: samples were asked for, and the method gives more than one (the physics fit gives a point).
         distribution = samples >= MIN_SAMPLES_FOR_SPREAD and any(len(f.samples) > 1 for f in forecasts.get(method, []))
         if results[method] and distribution:

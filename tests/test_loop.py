@@ -103,7 +103,7 @@ def test_a_runs_config_json_repeats_the_run(tmp_path):
         (["--dropout", "1"], r"--dropout must be a number in \[0, 1\), got 1.0"),
         (["--quantize", "int8"], "--quantize must be one of none, nf4, got 'int8'"),
         (["--double-quant"], "--double-quant needs --quantize nf4"),
-        (["--noise=-0.1"], "--noise must be a number >= 0, got -0.1"),
+        (["--noise=-0.1"], r"--noise must be a finite number >= 0 \(0.05: about 5% observation noise\), got -0.1"),
         (["--noise", "0.05", "--task", "instruct"], "--noise applies to the llmtime task's simulated series only"),
     ],
 )

@@ -13,6 +13,7 @@ import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from data.lotka_volterra import check_noise
 from data.tasks import TASKS
 from lora.inject import INITS, parse_targets
 from lora.layer import check_hyperparameters
@@ -96,6 +97,7 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first field whose value cannot work."""
         try:
             check_hyperparameters(self.r, self.alpha, self.dropout)  # LoRA's own checks: lora/layer.py
+            check_noise(self.noise)  # the simulator's own check: data/lotka_volterra.py
         except ValueError as error:
             raise ValueError(f"--{error}") from None
         positive = ("batch_size", "grad_accum", "max_steps", "eval_every", "eval_batches", "checkpoint_every",
@@ -105,7 +107,6 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         checks = [
             (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
-            (math.isfinite(self.noise) and self.noise >= 0, f"--noise must be a number >= 0, got {self.noise}"),
             (self.noise == 0 or (self.task == "llmtime" and self.data is None),
              "--noise applies to the llmtime task's simulated series only (not to --task instruct or --data)"),
             (self.quantize in QUANTIZATIONS,
