@@ -20,7 +20,7 @@ GPUs, written here in plain PyTorch. It is what the training loop and validation
 import torch
 
 from data.sequences import IGNORE_INDEX
-from lora.fused import compute_dtype
+from lora.compute_dtype import compute_dtype
 
 CHUNK_TOKENS = 256  # tokens whose logits exist at once: 256 x 49,152 fp32 logits are 50 MB
 

@@ -36,13 +36,7 @@ own dtype (float32 master weights).
 import torch
 from torch.nn import functional as F
 
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype the plain path would compute in: autocast's where it is on for ``x``'s device, else ``x``'s."""
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+from lora.compute_dtype import compute_dtype
 
 
 class FusedLoRA(torch.autograd.Function):

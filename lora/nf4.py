@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lora.fused import compute_dtype
+from lora.compute_dtype import compute_dtype
 
 # The code book's outermost quantile: halfway between where the last of 15 and of 16 evenly
 # spaced probability bins puts its centre, 1 - 1/(2*15) and 1 - 1/(2*16) (QLoRA, appendix E;
