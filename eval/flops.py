@@ -56,7 +56,8 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig
 
-from lora.inject import lora_layers, parse_targets, short_names
+from lora.inject import lora_layers
+from lora.targets import parse_targets, short_names
 from models.loader import EMBEDDED, TINY_CONFIGS, load_config
 
 # The projections in each Llama/Qwen2 decoder layer: the LoRA targets whose FLOPs are counted here.

@@ -46,7 +46,7 @@ from eval.perplexity import summed_nll
 from eval.provenance import provenance, rerun_command
 from lora import LoRALinear, cast_frozen
 from lora.adapter import CONFIG_NAME, WEIGHTS_NAME, adapter_key, read_adapter_config
-from lora.inject import find_targets
+from lora.targets import find_targets
 from models.loader import EMBEDDED, load_model
 from models.precision import choose_precision
 from training.config import TrainConfig

@@ -31,10 +31,11 @@ from torch import nn
 from lora.atomic import replace_folder_atomically
 from lora.dora import DoRALinear, magnitude_key
 from lora.embedding import LoRAEmbedding
-from lora.inject import adapted_modules, candidate_modules, find_targets, inject_lora, matches_target, short_names
+from lora.inject import adapted_modules, inject_lora
 from lora.layer import LoRALinear, check_hyperparameters
 from lora.named import DEFAULT, adapter_active, adapter_layers, adapter_names, new_adapter
 from lora.pissa import pissa_to_lora, pissa_to_lora_config
+from lora.targets import candidate_modules, find_targets, matches_target, short_names
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"

@@ -37,12 +37,11 @@ model's own state-dict key, ``<module path>.lora_magnitude_vector``, is already 
 without its prefix: no renaming either way.
 """
 
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-from lora.layer import LoRALinear
+from lora.inject import ADAPTERS, LoRAOptions
+from lora.layer import LinearBase, LoRALinear
 from lora.nf4 import NF4Linear
 
 MAGNITUDE = "lora_magnitude_vector"  # the parameter's name here, and the last part of peft's file key
@@ -83,7 +82,7 @@ class DoRALinear(LoRALinear):
     more trainable parameter, ``lora_magnitude_vector`` (m, shape (out,), in the dtype of A and
     B). Everything else (A, B, their initialisation, dropout, scaling, the ``merged`` and
     ``disabled`` flags) is LoRA's. Only the plain path: the fused backward (``lora/fused.py``)
-    is plain LoRA's and is refused here.
+    is plain LoRA's, and ``use_fused_lora`` refuses a DoRA layer.
 
     Args:
         base: the pretrained ``nn.Linear`` to adapt; frozen here.
@@ -164,11 +163,6 @@ class DoRALinear(LoRALinear):
         dora = (scale - 1) * base_product + scale * self.lora_B(self.lora_A(x)) * self.scaling
         return (result + dora).to(result.dtype)  # m and the norm may be float32 over a bf16 base: back to its dtype
 
-    def _check_fusable(self) -> None:
-        """Refuse the fused path: its hand-written backward is plain LoRA's, without m or the norm."""
-        raise ValueError("the fused LoRA path is plain LoRA's; a DoRALinear takes the plain path: "
-                         "use_fused_lora(model, False)")
-
     @torch.no_grad()
     def lora_delta_weight(self) -> torch.Tensor:
         """LoRA's update ``s B A``, shape (out, in), in the dtype of A and B (peft's ``get_delta_weight``).
@@ -234,16 +228,19 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + ", dora=True"
 
 
-def dora_layers(model: nn.Module) -> Iterator[tuple[str, DoRALinear]]:
-    """Yield ``(name, layer)`` for every ``DoRALinear`` in ``model`` (each is also in ``lora_layers``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, DoRALinear):
-            yield name, module
+def dora_adapter(name: str, module: nn.Module, options: LoRAOptions):
+    """``inject_lora``'s adapter for ``use_dora=True``: a ``DoRALinear`` on a full-precision ``nn.Linear``.
 
-
-def magnitude_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """m of every DoRA layer of ``model`` under ``magnitude_key`` (detached, not copied).
-
-    Put ``lora.adapter.KEY_PREFIX`` in front of each key for peft's file keys.
+    Raises:
+        ValueError: the target is a 4-bit ``NF4Linear``: DoRA's row norms need the full weight
+            on every forward (QDoRA is not supported).
     """
-    return {magnitude_key(name): layer.lora_magnitude_vector.detach() for name, layer in dora_layers(model)}
+    if not options.use_dora or not isinstance(module, LinearBase):
+        return None
+    if isinstance(module, NF4Linear):
+        raise ValueError("DoRA needs the base weight in full precision for its row norms on every forward; a 4-bit "
+                         "base (QDoRA) is not supported: use_dora=False, or inject before quantize_model")
+    return lambda: DoRALinear(module, options.r, options.alpha, options.dropout, options.dtype, options.use_rslora)
+
+
+ADAPTERS.append(dora_adapter)

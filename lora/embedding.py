@@ -42,10 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora.layer import check_hyperparameters
+from lora.inject import ADAPTERS, LoRAOptions
+from lora.layer import LoRAModule, check_hyperparameters
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(LoRAModule):
     """A frozen ``nn.Embedding`` with a low-rank update: ``base(ids) + (alpha / r) * Aᵀ[ids] @ Bᵀ``.
 
     Shapes: integer ids ``(...)`` -> ``(..., embedding_dim)``. A is ``(r, num_embeddings)`` and B
@@ -170,3 +171,20 @@ def modules_sharing_weight(model: nn.Module, layer: LoRAEmbedding) -> list[str]:
     shared = layer.base_layer.weight
     return [name for name, module in model.named_modules()
             if module is not layer.base_layer and getattr(module, "weight", None) is shared]
+
+
+def embedding_adapter(name: str, module: nn.Module, options: LoRAOptions):
+    """``inject_lora``'s adapter for an ``nn.Embedding`` target: a ``LoRAEmbedding`` (plain LoRA only).
+
+    Raises:
+        ValueError: DoRA, rsLoRA or PiSSA asked for: this library adapts an embedding with plain LoRA only.
+    """
+    if not isinstance(module, nn.Embedding):
+        return None
+    if options.use_dora or options.use_rslora or options.init != "lora":
+        raise ValueError(f"{name} is an embedding, which this library adapts with plain LoRA only; "
+                         "leave it out of the targets, or drop use_dora, use_rslora and init='pissa'")
+    return lambda: LoRAEmbedding(module, r=options.r, alpha=options.alpha, dtype=options.dtype)
+
+
+ADAPTERS.append(embedding_adapter)

@@ -1,8 +1,8 @@
 """A fused LoRA forward and backward, written by hand: fewer passes over the activations.
 
 The plain path, ``base(x) + B(A(dropout(x))) * s``, is ``LoRALinear``'s default, its
-``forward`` as written; this one is opt-in, ``use_fused_lora(model, True)``, and tested against
-it (``tests/test_fused.py``). The plain path is five kernels forward (three matmuls, a scale, an
+``forward`` as written; this one is opt-in, ``use_fused_lora(model, True)``, which turns each
+``LoRALinear`` into a ``FusedLoRALinear``, and tested against it (``tests/test_fused.py``). The plain path is five kernels forward (three matmuls, a scale, an
 add) and, backward, autograd adds the input gradient of the LoRA branch to the base's in yet
 another pass. LoRA's own FLOPs are tiny (r << in, out), so what costs time is those extra
 passes over ``(tokens, out)`` activations. This path does the same math in fewer:
@@ -11,8 +11,8 @@ Forward, float32 and dropout 0: one matmul through a merged weight, ``x W'^T + b
 ``W' = W + s B A`` formed for the call and dropped (``through_merged_weight``; unlike
 ``LoRALinear.merge``, W itself never changes). Forming ``W'`` costs ``in * out * r`` FLOPs,
 small next to the matmul's ``tokens * in * out`` when there are many more tokens than r
-(training), large when there are few (decoding one token at a time): so a ``LoRALinear`` asked
-for this path takes it only while gradients are enabled, and the plain one without them.
+(training), large when there are few (decoding one token at a time): so a ``FusedLoRALinear``
+takes this path only while gradients are enabled, and the plain one without them.
 
 Backward, with ``g`` the gradient of the output, ``(tokens, out)``::
 
@@ -34,9 +34,12 @@ own dtype (float32 master weights).
 """
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from lora.compute_dtype import compute_dtype
+from lora.inject import lora_layers
+from lora.layer import LoRALinear
 
 
 class FusedLoRA(torch.autograd.Function):
@@ -101,3 +104,73 @@ def fused_lora(x, weight, bias, lora_A, lora_B, scaling: float, dropout: float =
     Shapes: ``(..., in) -> (..., out)``. ``dropout`` is the probability, applied (training) as given.
     """
     return FusedLoRA.apply(x, weight, bias, lora_A, lora_B, scaling, dropout)
+
+
+class FusedLoRALinear(LoRALinear):
+    """A ``LoRALinear`` whose forward takes the fused path while gradients are enabled; the plain one otherwise.
+
+    The same parameters, names and state-dict keys as ``LoRALinear``: only ``forward`` differs.
+    ``use_fused_lora(model, True)`` turns a model's plain LoRA layers into this class in place,
+    and ``False`` turns them back.
+    """
+
+    def use_fused(self) -> bool:
+        """Whether ``forward`` takes the fused path now: while gradients are enabled and the layer is not merged or off.
+
+        Without gradients (inference, generation) the plain path is faster: in float32 the fused
+        one would form the merged weight, ``in * out * r`` FLOPs, for every call, even for one token.
+        """
+        check_fusable(self)  # again: the base may have been quantized since the layer was put on this path
+        return torch.is_grad_enabled() and not (self.merged or self.disabled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (alpha / r) * B(A(dropout(x)))`` through ``fused_lora``, ``(..., in) -> (..., out)``."""
+        if not self.use_fused():
+            return super().forward(x)
+        return fused_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight, self.lora_B.weight,
+                          self.scaling, self.dropout if self.training else 0.0)
+
+
+def check_fusable(layer: LoRALinear) -> None:
+    """Raise ``ValueError`` unless the fused path can take ``layer``: plain LoRA (not DoRA) on an ``nn.Linear``.
+
+    A 4-bit base is refused because the fused backward would keep a dequantized W, undoing the 4 bits.
+    """
+    if not isinstance(layer.base_layer, nn.Linear):
+        raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
+                         "plain path: use_fused_lora(model, False)")
+    if type(layer) not in (LoRALinear, FusedLoRALinear):
+        raise ValueError(f"the fused LoRA path is plain LoRA's; a {type(layer).__name__} takes the plain path: "
+                         "use_fused_lora(model, False)")
+
+
+def use_fused_lora(model: nn.Module, fused: bool) -> int:
+    """Put every ``LoRALinear`` in ``model`` on the fused path (True) or back on the plain one (False).
+
+    The plain path, ``LoRALinear.forward``'s one line, is the default. The fused one is the same
+    math with a hand-written backward and fewer passes over the activations, equal to the plain
+    one up to float rounding; a layer takes it only while gradients are enabled (without them
+    the plain one is faster) and refuses a trained base weight (its backward gives W no gradient).
+    Each layer changes class in place (``FusedLoRALinear`` and back), as ``fully_shard`` changes
+    a module's class: its parameters, and an optimizer holding them, stay as they are.
+
+    Returns:
+        How many layers were set.
+
+    Raises:
+        TypeError: ``fused`` is not True or False.
+        ValueError: ``fused`` is True and a layer cannot take the fused path (``check_fusable``:
+            a 4-bit ``NF4Linear`` base, or a DoRA layer); no layer is changed.
+    """
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be True or False, got {fused!r}")
+    layers = list(lora_layers(model))
+    for name, layer in layers if fused else []:
+        try:
+            check_fusable(layer)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}" if name else str(error)) from None
+    for _, layer in layers:
+        if type(layer) in (LoRALinear, FusedLoRALinear):
+            layer.__class__ = FusedLoRALinear if fused else LoRALinear
+    return len(layers)

@@ -10,12 +10,10 @@ Only A and B are trained: r * (in + out) parameters instead of in * out.
 
 import math
 import numbers
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
-
-from lora.fused import fused_lora
-from lora.nf4 import NF4Linear
 
 
 def check_hyperparameters(r: int, alpha: float, dropout: float) -> None:
@@ -42,33 +40,44 @@ def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
-class LoRALinear(nn.Module):
+@runtime_checkable
+class LinearBase(Protocol):
+    """What ``LoRALinear`` asks of the frozen layer it wraps; ``nn.Linear`` answers it, as does ``NF4Linear``.
+
+    Calling the layer computes ``x W^T + b``; ``weight`` is W, ``(out_features, in_features)``,
+    whose ``dtype`` and ``device`` A and B take and to which ``merge`` adds ΔW (``weight.add_``).
+    The 4-bit ``NF4Linear`` (``lora/nf4.py``: QLoRA) gives a weight that answers these as a tensor does.
+    """
+
+    in_features: int
+    out_features: int
+    weight: torch.Tensor
+
+
+class LoRAModule(nn.Module):
+    """Any LoRA module: a frozen ``base_layer``, an update ``merge()`` folds into it and ``unmerge()``
+    takes out, and the flags ``merged`` and ``disabled``. ``LoRALinear`` and ``LoRAEmbedding``
+    (``lora/embedding.py``) are its kinds; code that handles either selects by this type."""
+
+
+class LoRALinear(LoRAModule):
     """A frozen ``nn.Linear`` with a low-rank update: ``base(x) + (alpha / r) * B(A(dropout(x)))``.
 
     Shapes: ``(..., in_features) -> (..., out_features)``.
 
-    The frozen layer is held, not inherited from, as ``base_layer``: an ``nn.Linear``, or an
-    ``NF4Linear`` (4-bit, ``lora/nf4.py``: QLoRA). A and B take the base weight's dtype, or
+    The frozen layer is held, not inherited from, as ``base_layer``: an ``nn.Linear``, or any
+    ``LinearBase`` (the 4-bit ``NF4Linear``: QLoRA). A and B take the base weight's dtype, or
     ``dtype`` when given: float32 adapters on a bf16 base train as peft's do by default
     (``autocast_adapter_dtype``), with autocast running each matmul in bf16. The update is
     ``lora_A = nn.Linear(in, r)`` and ``lora_B = nn.Linear(r, out)``, both without bias.
     These names make the state-dict keys the ones Hugging Face peft reads and writes.
 
-    The layer asks its base's weight W three things: its dtype and device (for A and B, and for
-    ΔW) and to add ΔW in place (``merge``). ``nn.Linear.weight`` is a tensor and answers them as
-    tensors do (``.dtype``, ``.device``, ``.add_``); an ``NF4Linear`` answers the same three for
-    the weight its codes stand for (``add_`` dequantizes, adds and rounds back to 4 bits, with a
-    warning). So ``_frozen_weight`` is the one place that tells the bases apart for these; the
-    fused path, which multiplies by an ``nn.Linear``'s weight tensor itself, has one check of its
-    own (``_check_fusable``).
-
-    ``forward`` is the formula above, one line, by default: peft's operations in peft's order,
-    equal to peft bit for bit. ``use_fused_lora(model, True)`` (or ``layer.fused = True``) opts
-    into the same math with a hand-written backward (``lora/fused.py``), taken while gradients
-    are enabled.
+    ``forward`` is the formula above, one line: peft's operations in peft's order, equal to peft
+    bit for bit. Variants build on it in files of their own: ``DoRALinear`` (``lora/dora.py``)
+    and the same math with a hand-written backward, ``use_fused_lora`` (``lora/fused.py``).
 
     Args:
-        base: the pretrained layer to adapt, ``nn.Linear`` or ``NF4Linear``. Its weight and bias are frozen here.
+        base: the pretrained layer to adapt, an ``nn.Linear`` or ``NF4Linear``; its weight and bias are frozen here.
         r: the rank of the update. Memory and compute of the adapter grow linearly with it.
         alpha: the update is scaled by ``alpha / r``. The LoRA paper holds alpha fixed while r
             varies: "This scaling helps to reduce the need to retune hyperparameters when we
@@ -81,14 +90,14 @@ class LoRALinear(nn.Module):
             grows (§3 of that paper), so a larger r can use what it adds.
 
     Raises:
-        TypeError: ``base`` is neither an ``nn.Linear`` nor an ``NF4Linear``.
+        TypeError: ``base`` is not a ``LinearBase`` (an ``nn.Linear`` or an ``NF4Linear``).
         ValueError: r <= 0, alpha <= 0, or dropout outside [0, 1).
     """
 
-    def __init__(self, base: nn.Linear | NF4Linear, r: int, alpha: float, dropout: float = 0.0,
+    def __init__(self, base: LinearBase, r: int, alpha: float, dropout: float = 0.0,
                  dtype: torch.dtype | None = None, use_rslora: bool = False):
         super().__init__()
-        if not isinstance(base, (nn.Linear, NF4Linear)):
+        if not isinstance(base, LinearBase):
             raise TypeError(f"LoRALinear wraps an nn.Linear or an NF4Linear, got {type(base).__name__}")
         check_hyperparameters(r, alpha, dropout)
         self.base_layer = base.requires_grad_(False)
@@ -98,7 +107,7 @@ class LoRALinear(nn.Module):
         self.dropout = float(dropout)
         self.use_rslora = bool(use_rslora)
         self.scaling = lora_scaling(self.alpha, self.r, self.use_rslora)
-        weight = self._frozen_weight()
+        weight = base.weight
         dtype = dtype or weight.dtype
         self.lora_A = nn.Linear(base.in_features, self.r, bias=False, device=weight.device, dtype=dtype)
         self.lora_B = nn.Linear(self.r, base.out_features, bias=False, device=weight.device, dtype=dtype)
@@ -106,10 +115,6 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        # How A and B started, in peft's words: True (A random, B zero: reset_parameters) or "pissa"
-        # (lora/pissa.py, which also changed W); an adapter's config records it.
-        self.init_lora_weights = True
-        self._fused = False  # the plain path, forward's one line, unless opted into (see fused)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -122,57 +127,11 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def _frozen_weight(self) -> torch.Tensor | NF4Linear:
-        """W as this layer uses it: an ``nn.Linear``'s weight tensor, or the ``NF4Linear`` itself,
-        which answers ``.dtype``, ``.device`` and ``.add_(delta)`` for its 4-bit weight as a tensor would."""
-        base = self.base_layer
-        return base if isinstance(base, NF4Linear) else base.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``base(x) + (alpha / r) * B(A(dropout(x)))``, ``(..., in_features) -> (..., out_features)``."""
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.use_fused():
-            # Opted into: the same math with a hand-written backward and fewer passes over x (lora/fused.py).
-            return fused_lora(x, self.base_layer.weight, self.base_layer.bias, self.lora_A.weight,
-                              self.lora_B.weight, self.scaling, self.dropout if self.training else 0.0)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.scaling
-
-    @property
-    def fused(self) -> bool:
-        """Whether this layer was asked for the fused path (``lora/fused.py``); False, the plain one, by default.
-
-        Set it for a whole model with ``use_fused_lora(model, True)`` (and back with ``False``).
-
-        Raises (on setting True):
-            ValueError: the base is a 4-bit ``NF4Linear``, which only the plain path takes.
-        """
-        return self._fused
-
-    @fused.setter
-    def fused(self, fused: bool) -> None:
-        if not isinstance(fused, bool):
-            raise TypeError(f"fused must be True or False, got {fused!r}")
-        if fused:
-            self._check_fusable()
-        self._fused = fused
-
-    def use_fused(self) -> bool:
-        """Whether ``forward`` takes the fused path now: when ``fused`` asks for it and gradients are enabled.
-
-        Without gradients (inference, generation) the plain path is faster: in float32 the fused
-        one would form the merged weight, ``in * out * r`` FLOPs, for every call, even for one token.
-        """
-        if not self.fused:
-            return False
-        self._check_fusable()  # again: the base may have been quantized since fused was set
-        return torch.is_grad_enabled()
-
-    def _check_fusable(self) -> None:
-        """Refuse the fused path for a 4-bit base: its backward would keep a dequantized W, undoing the 4 bits."""
-        if isinstance(self.base_layer, NF4Linear):
-            raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
-                             "plain path: use_fused_lora(model, False)")
 
     @torch.no_grad()
     def delta_weight(self) -> torch.Tensor:
@@ -182,7 +141,7 @@ class LoRALinear(nn.Module):
         rounds once (when adding to W) rather than twice. A 4-bit base: its original dtype.
         """
         delta = self.lora_B.weight.float() @ self.lora_A.weight.float() * self.scaling
-        return delta.to(self._frozen_weight().dtype)
+        return delta.to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -193,7 +152,7 @@ class LoRALinear(nn.Module):
         first merges exactly, in full size.
         """
         if not self.merged:
-            self._frozen_weight().add_(self.delta_weight())
+            self.base_layer.weight.add_(self.delta_weight())
             self.merged = True
 
     @torch.no_grad()
@@ -204,7 +163,7 @@ class LoRALinear(nn.Module):
         a 4-bit base rounds to NF4 again rather than restoring its original codes.
         """
         if self.merged:
-            self._frozen_weight().add_(-self.delta_weight())  # -ΔW is exact: W + (-ΔW) is W - ΔW to the bit
+            self.base_layer.weight.add_(-self.delta_weight())  # -ΔW is exact: W + (-ΔW) is W - ΔW to the bit
             self.merged = False
 
     def extra_repr(self) -> str:

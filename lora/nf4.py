@@ -137,10 +137,10 @@ class NF4Linear(nn.Module):
     Shapes: ``(..., in_features) -> (..., out_features)``. The bias stays in its dtype; it is
     ``out_features`` numbers, not worth quantizing.
 
-    Where ``LoRALinear`` needs the frozen weight, this layer stands in for it: ``shape``,
-    ``dtype`` (the original weight's, which ``dequantize`` returns), ``device`` and
-    ``add_(delta)`` answer as ``nn.Linear.weight`` does, so the LoRA layer asks either base's
-    weight the same questions (``LoRALinear._frozen_weight`` picks whom to ask).
+    Where ``LoRALinear`` needs the frozen weight, it asks ``base_layer.weight`` (``lora.layer.LinearBase``);
+    here ``weight`` is this layer itself, whose ``shape``, ``dtype`` (the original weight's, which
+    ``dequantize`` returns), ``device`` and ``add_(delta)`` answer as ``nn.Linear.weight`` does,
+    so the LoRA layer asks either base's weight the same questions.
 
     What it stores (``storage()``) are frozen ``nn.Parameter``s, not buffers, because FSDP2
     shards a module's parameters and leaves its buffers whole on every process:
@@ -189,6 +189,12 @@ class NF4Linear(nn.Module):
             self.register_buffer("absmax_mean", absmax_mean)
         else:
             self.absmax = frozen(absmax)
+
+    @property
+    def weight(self) -> "NF4Linear":
+        """W as ``LoRALinear`` asks for it: this layer, which answers ``shape``, ``dtype``, ``device`` and
+        ``add_`` for the weight its codes stand for (``dequantize()`` gives the tensor itself)."""
+        return self
 
     @property
     def shape(self) -> torch.Size:

@@ -40,6 +40,8 @@ the scaling alpha / r stays s (with rsLoRA, alpha / sqrt(r), alpha grows by sqrt
 import torch
 from torch import nn
 
+from lora.dora import DoRALinear
+from lora.inject import INITS, LoRAOptions, lora_layers
 from lora.layer import LoRALinear
 from lora.nf4 import NF4Linear
 
@@ -96,7 +98,9 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     layer.lora_A.weight.copy_(A)
     layer.lora_B.weight.copy_(B)
     weight.copy_(residual)
-    layer.init_lora_weights = "pissa"  # the base now holds W_res: an adapter saved from here says so
+    # The base now holds W_res: an adapter saved from here says so, in peft's words (a layer without
+    # the attribute started as the paper's, peft's init_lora_weights=True).
+    layer.init_lora_weights = "pissa"
     return layer
 
 
@@ -108,8 +112,7 @@ def pissa_init_model_(model: nn.Module) -> list[str]:
     Raises:
         ValueError: as ``pissa_init_``, with the layer's name in front; or the model has no LoRA layers.
     """
-    # named_modules, not lora.inject.lora_layers: inject_lora can then import this module without a cycle.
-    layers = [(name, module) for name, module in model.named_modules() if isinstance(module, LoRALinear)]
+    layers = list(lora_layers(model))
     if not layers:
         raise ValueError("the model has no LoRA layers to initialize; call inject_lora(model) first")
     for name, layer in layers:
@@ -122,6 +125,28 @@ def pissa_init_model_(model: nn.Module) -> list[str]:
     for _, layer in layers:
         pissa_init_(layer)
     return [name for name, _ in layers]
+
+
+def pissa_start(name: str, module: nn.Module, options: LoRAOptions):
+    """``inject_lora``'s start for ``init="pissa"``: ``pissa_init_`` on the built layer (DoRA's m set after it).
+
+    Raises:
+        ValueError: the target is a 4-bit ``NF4Linear`` or has fewer than r singular values.
+    """
+    if isinstance(module, NF4Linear) or (isinstance(module, nn.Linear)
+                                         and options.r > min(module.in_features, module.out_features)):
+        raise ValueError(f"{name}: PiSSA takes the SVD of a full-precision weight with at least r={options.r} "
+                         "singular values; inject before quantize_model, with r <= min(in, out)")
+
+    def start(layer: LoRALinear) -> None:
+        pissa_init_(layer)
+        if isinstance(layer, DoRALinear):
+            layer.reset_magnitude()  # m = ||W_res + s B A||, as peft sets it after PiSSA
+
+    return start
+
+
+INITS["pissa"] = pissa_start
 
 
 def pissa_to_lora(initial: dict[str, torch.Tensor], trained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

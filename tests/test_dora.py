@@ -19,14 +19,9 @@ from torch.testing import assert_close
 from lora import (NF4Linear, adapter_state_dict, disable_lora, inject_lora, load_adapter, lora_layers, save_adapter,
                   use_fused_lora)
 from lora.adapter import KEY_PREFIX
-from lora.dora import (
-    DoRALinear,
-    column_norm,
-    dora_layers,
-    magnitude_key,
-    magnitude_state_dict,
-)
-from lora.inject import find_targets
+from lora.dora import DoRALinear, column_norm, magnitude_key
+from lora.fused import FusedLoRALinear
+from lora.targets import find_targets
 
 EXACT = dict(rtol=0, atol=0)
 TARGETS = ("q_proj", "v_proj")
@@ -35,10 +30,20 @@ TARGETS = ("q_proj", "v_proj")
 ROUNDING = dict(rtol=1e-6, atol=1e-7)
 
 
+def dora_layers(model):
+    """``(name, layer)`` for every ``DoRALinear`` of ``model``: the ``lora_layers`` that are DoRA."""
+    return [(name, layer) for name, layer in lora_layers(model) if isinstance(layer, DoRALinear)]
+
+
+def magnitude_state_dict(model):
+    """m of every DoRA layer of ``model`` under ``magnitude_key``: peft's file keys without their prefix."""
+    return {magnitude_key(name): layer.lora_magnitude_vector.detach() for name, layer in dora_layers(model)}
+
+
 def inject_dora(model, target_modules=TARGETS, r=4, alpha=8, dropout=0.0):
     """Replace the targeted ``nn.Linear`` modules with ``DoRALinear``; only A, B and m train.
 
-    A stand-in for ``inject_lora(..., use_dora=True)`` until the library has it.
+    By hand, not ``inject_lora(..., use_dora=True)``, so that the layer is tested apart from injection.
     """
     for name in find_targets(model, target_modules):
         model.set_submodule(name, DoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout),
@@ -348,7 +353,7 @@ def test_the_fused_path_is_refused(tiny):
     ours = inject_dora(copy.deepcopy(tiny))
     with pytest.raises(ValueError, match="plain path"):
         use_fused_lora(ours, True)
-    assert not any(layer.fused for _, layer in dora_layers(ours))
+    assert not any(isinstance(layer, FusedLoRALinear) for _, layer in lora_layers(ours))
 
 
 # --- Through inject_lora, save_adapter, load_adapter and the loop ----------------------------------------------

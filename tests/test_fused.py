@@ -16,6 +16,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from lora import LoRALinear, NF4Linear, fused_lora, inject_lora, lora_layers, use_fused_lora
+from lora.fused import FusedLoRALinear
 
 FP32 = dict(rtol=1e-5, atol=1e-6)  # a few float32 roundings apart
 BF16 = dict(rtol=3e-2, atol=3e-2)  # bfloat16 keeps 8 significant bits; sums of 16-64 terms round a few times
@@ -28,7 +29,7 @@ def layer_pair(bias: bool, dropout: float = 0.0, seed: int = 0) -> tuple[LoRALin
     nn.init.normal_(plain.lora_B.weight, std=0.1)
     fused = LoRALinear(nn.Linear(48, 40, bias=bias), r=4, alpha=8, dropout=dropout)
     fused.load_state_dict(plain.state_dict())
-    fused.fused = True
+    use_fused_lora(fused, True)
     return plain, fused
 
 
@@ -175,7 +176,7 @@ def test_fused_dropout_drops_each_input_or_scales_it_by_1_over_1_minus_p():
         layer.base_layer.weight.zero_()
         layer.lora_A.weight.copy_(torch.eye(16))
         layer.lora_B.weight.copy_(torch.eye(16))
-    layer.fused = True
+    use_fused_lora(layer, True)
     x = torch.randn(256, 16).requires_grad_()
     torch.manual_seed(0)
     out = layer.train()(x)
@@ -190,14 +191,14 @@ def test_default_is_the_plain_path_the_formula_op_for_op():
     layer = LoRALinear(nn.Linear(48, 40), r=4, alpha=8)
     nn.init.normal_(layer.lora_B.weight, std=0.1)
     x = torch.randn(3, 48)
-    assert layer.fused is False and not layer.use_fused()
+    assert type(layer) is LoRALinear  # not a FusedLoRALinear
     expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling
     assert_close(layer(x), expected, rtol=0, atol=0)
 
 
 def test_inject_lora_leaves_every_layer_on_the_plain_path(tiny):
     inject_lora(tiny, ["q_proj", "v_proj"], r=2)
-    assert all(layer.fused is False for _, layer in lora_layers(tiny))
+    assert all(type(layer) is LoRALinear for _, layer in lora_layers(tiny))
 
 
 def test_fused_path_is_taken_while_training_and_the_plain_path_under_no_grad(tiny):
@@ -212,12 +213,12 @@ def test_fused_path_is_taken_while_training_and_the_plain_path_under_no_grad(tin
         assert not layer.use_fused()
         assert_close(layer(x), layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * layer.scaling, rtol=0, atol=0)
     assert use_fused_lora(tiny, False) == 2
-    assert not layer.use_fused() and type(layer(x).grad_fn).__name__ != "FusedLoRABackward"
+    assert type(layer) is LoRALinear and type(layer(x).grad_fn).__name__ != "FusedLoRABackward"
 
 
 def test_fused_path_refuses_a_trained_base_weight_and_names_the_fix():
     layer = LoRALinear(nn.Linear(64, 64), r=2, alpha=4)
-    layer.fused = True
+    use_fused_lora(layer, True)
     layer.base_layer.weight.requires_grad_(True)
     with pytest.raises(ValueError, match=r"keeps the base weight frozen; .*use_fused_lora\(model, False\)"):
         layer(torch.randn(1, 64))
@@ -230,15 +231,29 @@ def test_fused_path_on_a_4bit_base_is_refused_naming_the_layer_and_nothing_chang
     with pytest.raises(ValueError, match=r"^model\.layers\.0\.self_attn\.v_proj: the fused LoRA path needs an "
                                          r"nn\.Linear base; .*use_fused_lora\(model, False\)$"):
         use_fused_lora(tiny, True)
-    assert all(layer.fused is False for layer in layers)
+    assert all(type(layer) is LoRALinear for layer in layers)
 
 
 def test_fused_path_refuses_a_base_quantized_after_it_was_chosen():
     layer = LoRALinear(nn.Linear(64, 64), r=2, alpha=4)
-    layer.fused = True
+    use_fused_lora(layer, True)
     layer.base_layer = NF4Linear(layer.base_layer)
     with pytest.raises(ValueError, match="the fused LoRA path needs an nn.Linear base"):
         layer(torch.randn(1, 64))
+
+
+def test_use_fused_lora_changes_each_layers_class_in_place_keeping_its_parameters(tiny):
+    inject_lora(tiny, ["q_proj", "v_proj"], r=2)
+    layers = [layer for _, layer in lora_layers(tiny)]
+    parameters = [[id(p) for p in layer.parameters()] for layer in layers]
+    keys = set(tiny.state_dict())
+    use_fused_lora(tiny, True)
+    assert [layer for _, layer in lora_layers(tiny)] == layers  # the same modules, now of the fused class
+    assert all(type(layer) is FusedLoRALinear for layer in layers)
+    assert [[id(p) for p in layer.parameters()] for layer in layers] == parameters  # those an optimizer holds
+    assert set(tiny.state_dict()) == keys
+    use_fused_lora(tiny, False)
+    assert all(type(layer) is LoRALinear for layer in layers)
 
 
 def test_use_fused_lora_takes_true_or_false_only(tiny):

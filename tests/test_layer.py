@@ -1,11 +1,16 @@
 """LoRALinear on its own: the formula, the initialisation, merging, dtypes and bad input."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 from torch.testing import assert_close
 
 from lora import LoRALinear
+from lora.layer import LinearBase
+
+LORA = Path(__file__).parent.parent / "lora"
 
 
 def make_layer(in_features=16, out_features=12, r=4, alpha=8, dropout=0.0, bias=True, dtype=torch.float32, seed=0):
@@ -172,3 +177,15 @@ def test_bad_hyperparameters_are_rejected_naming_the_parameter_first(kwargs, mes
 def test_non_linear_base_is_rejected():
     with pytest.raises(TypeError, match="wraps an nn.Linear or an NF4Linear, got Conv1d"):
         LoRALinear(nn.Conv1d(4, 4, 1), r=2, alpha=4)
+
+
+def test_a_linear_base_is_told_from_an_embedding_or_a_conv_by_what_it_has():
+    assert isinstance(nn.Linear(4, 3), LinearBase)
+    assert not isinstance(nn.Embedding(4, 3), LinearBase) and not isinstance(nn.Conv1d(4, 4, 1), LinearBase)
+
+
+def test_the_core_a_learner_reads_first_fits_in_320_lines():
+    # lora/layer.py and lora/inject.py: every variant lives in a file of its own (setup.cfg's
+    # import contract "lora.layer and lora.inject import no variant" keeps them apart).
+    lines = sum(len((LORA / name).read_text().splitlines()) for name in ("layer.py", "inject.py"))
+    assert lines <= 320, f"lora/layer.py and lora/inject.py hold {lines} lines; move what is not the core out"

@@ -18,7 +18,9 @@ from lora import (
     merge_lora,
     save_adapter,
     trainable_parameters_line,
+    use_fused_lora,
 )
+from lora.layer import LinearBase
 from lora.nf4 import (
     NF4,
     NF4Linear,
@@ -270,7 +272,7 @@ def test_lora_on_a_4bit_base_is_the_dequantized_base_plus_the_update():
     base = layer.base_layer
     expected = x @ base.dequantize().T + base.bias + 2.0 * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T
     assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
-    assert layer.lora_A.weight.dtype == torch.float32 and not layer.use_fused()
+    assert layer.lora_A.weight.dtype == torch.float32 and type(layer) is LoRALinear  # the plain path
 
 
 def test_qlora_training_moves_a_and_b_and_never_the_codes(tiny):
@@ -341,14 +343,16 @@ def test_dequantize_model_then_merge_is_exact(tiny):
 def test_choosing_the_fused_path_for_a_4bit_base_is_refused_and_names_the_fix():
     layer = LoRALinear(NF4Linear(nn.Linear(64, 64)), r=2, alpha=4)
     with pytest.raises(ValueError, match=r"needs an nn\.Linear base.*use_fused_lora\(model, False\)"):
-        layer.fused = True
-    assert layer.fused is False
+        use_fused_lora(layer, True)
+    assert type(layer) is LoRALinear  # left on the plain path
 
 
 def test_4bit_layer_answers_for_its_weight_as_a_tensor_does():
     linear = nn.Linear(96, 80, dtype=torch.bfloat16)
     layer = NF4Linear(linear)
     assert (layer.shape, layer.dtype, layer.device) == (linear.weight.shape, torch.bfloat16, linear.weight.device)
+    # LoRALinear asks base_layer.weight, as of an nn.Linear: here the layer itself answers for it.
+    assert layer.weight is layer and isinstance(layer, LinearBase)
     lora = LoRALinear(layer, r=4, alpha=8)
     assert lora.lora_A.weight.dtype == lora.delta_weight().dtype == torch.bfloat16
 

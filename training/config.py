@@ -15,7 +15,8 @@ from pathlib import Path
 
 from data.lotka_volterra import check_noise
 from data.tasks import TASKS
-from lora.inject import INITS, parse_targets
+from lora.inject import INITS
+from lora.targets import parse_targets
 from lora.layer import check_hyperparameters
 from models.precision import PRECISIONS
 from training.distributed import STRATEGIES
