@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from lora.dora import DoRALinear
-from lora.inject import INITS, LoRAOptions, lora_layers
+from lora.inject import INITS, LoRAOptions
 from lora.layer import LoRALinear
 from lora.nf4 import NF4Linear
 
@@ -104,29 +104,6 @@ def pissa_init_(layer: LoRALinear) -> LoRALinear:
     return layer
 
 
-def pissa_init_model_(model: nn.Module) -> list[str]:
-    """``pissa_init_`` every ``LoRALinear`` of ``model``; return their names.
-
-    Every layer is checked before any changes, so a refusal leaves the model as it was.
-
-    Raises:
-        ValueError: as ``pissa_init_``, with the layer's name in front; or the model has no LoRA layers.
-    """
-    layers = list(lora_layers(model))
-    if not layers:
-        raise ValueError("the model has no LoRA layers to initialize; call inject_lora(model) first")
-    for name, layer in layers:
-        try:
-            _check_pissa_ready(layer)
-            if layer.r > min(layer.base_layer.weight.shape):
-                pissa_factors(layer.base_layer.weight, layer.r, layer.scaling)  # raises, naming the shapes
-        except ValueError as error:
-            raise ValueError(f"{name}: {error}") from None
-    for _, layer in layers:
-        pissa_init_(layer)
-    return [name for name, _ in layers]
-
-
 def pissa_start(name: str, module: nn.Module, options: LoRAOptions):
     """``inject_lora``'s start for ``init="pissa"``: ``pissa_init_`` on the built layer (DoRA's m set after it).
 
@@ -171,7 +148,7 @@ def pissa_to_lora(initial: dict[str, torch.Tensor], trained: dict[str, torch.Ten
         only_trained, only_initial = sorted(trained.keys() - initial.keys()), sorted(initial.keys() - trained.keys())
         key, side = (only_trained[0], "trained") if only_trained else (only_initial[0], "initial")
         raise ValueError(f"{key} is only in the {side} adapter; initial and trained must come from the same "
-                         "PiSSA model (the initial one saved right after pissa_init_model_)")
+                         "PiSSA model (the initial one saved right after inject_lora(..., init='pissa'))")
     converted = {}
     for key, tensor in trained.items():
         if initial[key].shape != tensor.shape:

@@ -25,7 +25,7 @@ from torch.testing import assert_close
 from lora import NF4Linear, adapter_config, adapter_state_dict, inject_lora, load_adapter, lora_layers, save_adapter
 from lora.adapter import adapter_key
 from lora.layer import LoRALinear
-from lora.pissa import pissa_factors, pissa_init_, pissa_init_model_, pissa_to_lora, pissa_to_lora_config
+from lora.pissa import pissa_factors, pissa_init_, pissa_to_lora, pissa_to_lora_config
 
 EXACT = dict(rtol=0, atol=0)
 ROUNDOFF = dict(rtol=0, atol=1e-6)  # float32 SVD round-off: W_res + s B A = W only to ~1 ulp (module docstring)
@@ -36,8 +36,7 @@ R, ALPHA = 4, 8
 def pissa_model(base, use_rslora=False):
     """A copy of ``base`` with LoRA on q_proj, v_proj (r=4, alpha=8) initialized by PiSSA."""
     model = copy.deepcopy(base)
-    inject_lora(model, TARGETS, r=R, alpha=ALPHA, use_rslora=use_rslora)
-    pissa_init_model_(model)
+    inject_lora(model, TARGETS, r=R, alpha=ALPHA, use_rslora=use_rslora, init="pissa")
     return model
 
 
@@ -168,16 +167,16 @@ def test_a_4bit_base_is_refused():
         pissa_init_(layer)
 
 
-def test_a_merged_layer_is_refused_before_any_layer_changes(tiny):
-    model = copy.deepcopy(tiny)
-    inject_lora(model, TARGETS, r=R, alpha=ALPHA)
-    before = {name: layer.base_layer.weight.clone() for name, layer in lora_layers(model)}
-    last_name, last = list(lora_layers(model))[-1]
-    last.merge()
-    with pytest.raises(ValueError, match=f"{last_name}: .* merged .*unmerge"):
-        pissa_init_model_(model)
-    for name, layer in list(lora_layers(model))[:-1]:
-        assert_close(layer.base_layer.weight, before[name], **EXACT)
+def test_a_merged_layer_is_refused_and_left_as_it_was():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 48), r=R, alpha=ALPHA)
+    nn.init.normal_(layer.lora_B.weight, std=0.1)
+    layer.merge()
+    before = {name: tensor.clone() for name, tensor in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="merged .*unmerge"):
+        pissa_init_(layer)
+    for name, tensor in layer.state_dict().items():
+        assert_close(tensor, before[name], **EXACT)
 
 
 def test_r_larger_than_the_number_of_singular_values_is_refused():
