@@ -54,9 +54,6 @@ STRATEGIES = ("auto", "ddp", "fsdp2")
 # How long a rank waits in a collective for the others before it gives up: longer than any one
 # rank works alone (loading the model, writing a checkpoint), short enough that a hang ends.
 TIMEOUT = datetime.timedelta(minutes=10)
-# Test-only: "RANK:STEP" makes that rank kill itself after that optimizer step, in the first
-# attempt only, so a test can watch torchrun restart the workers (tests/test_distributed.py).
-KILL_FOR_TEST = "LORA_TEST_KILL_RANK_AFTER_STEP"
 
 
 @dataclass(frozen=True)
@@ -298,15 +295,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {KEY_PREFIX + name: tensor for name, tensor in trainable_state(model).items()}
 
 
-def kill_for_test(world: World, step: int) -> None:
-    """Test-only: kill this rank after ``step`` if ``LORA_TEST_KILL_RANK_AFTER_STEP`` says so, once."""
-    spec = os.environ.get(KILL_FOR_TEST)
-    if spec and not restarted() and spec == f"{world.rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600, max_restarts: int = 0,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600,
+             max_restarts: int = 0) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node processes <arguments>`` on this machine and wait for it.
 
     ``arguments``: what follows torchrun's own options (``["-m", "training.loop", ...]``, or a
@@ -320,7 +310,7 @@ def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600, max
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                f"--max-restarts={max_restarts}", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, **(env or {})})
+                               start_new_session=True)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
