@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -256,25 +255,6 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
     """
     norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-
-
-class GradientTraffic:
-    """A DDP communication hook that counts the bytes this rank hands to all-reduce, then all-reduces.
-
-    ``GradientTraffic().attach(ddp_model)``; ``.bytes`` grows by each gradient bucket's size. It
-    proves what the frozen base costs DDP: nothing, as it has no gradients.
-    """
-
-    def __init__(self):
-        self.bytes = 0
-
-    def attach(self, model: DistributedDataParallel) -> "GradientTraffic":
-        model.register_comm_hook(None, self.hook)
-        return self
-
-    def hook(self, process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
-        return default_hooks.allreduce_hook(process_group, bucket)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
