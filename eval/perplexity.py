@@ -26,8 +26,8 @@ from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import series_texts, task_split, windows
 from data.tokenization import tokenize_examples
 from eval.cli import add_model_arguments, load_model_and_adapter
-from eval.cross_entropy import CHUNK_TOKENS, chunked_cross_entropy
 from eval.mode import eval_mode
+from models.loss import CHUNK_TOKENS, chunked_cross_entropy
 from models.precision import FP32, Precision
 
 
@@ -47,7 +47,7 @@ def summed_token_nll(model, batch: dict[str, torch.Tensor], precision: Precision
     loop's gradient accumulation, ``training/loop.py``). Differentiable; ``.item()`` for a number.
 
     ``chunk_tokens``: the loss is taken ``chunk_tokens`` positions at a time from the final hidden
-    states (``eval/cross_entropy.py``), never forming the whole batch's logits; 0 forms them all
+    states (``models/loss.py``), never forming the whole batch's logits; 0 forms them all
     and calls ``F.cross_entropy``, as does a model whose head is not a plain frozen ``Linear``.
     """
     labels = batch["labels"][:, 1:]

@@ -19,9 +19,12 @@ GPUs, written here in plain PyTorch. It is what the training loop and validation
 
 import torch
 
-from data.sequences import IGNORE_INDEX
 from lora.compute_dtype import compute_dtype
 
+# The label of a token not scored: the ignore_index of F.cross_entropy and of transformers' own
+# loss. data.sequences pads labels with its own copy (data and models do not import each other);
+# tests/test_loss.py holds the two equal.
+IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # tokens whose logits exist at once: 256 x 49,152 fp32 logits are 50 MB
 
 
