@@ -38,10 +38,9 @@ from benchmarks.lora_step import in_fresh_process, peak_memory_gb, timed
 from data.collate import PadCollator
 from data.sequences import pad_token_id
 from data.tasks import build_task
-from eval.perplexity import label_tokens, summed_token_nll
 from lora import inject_lora
 from models.loader import load_model, load_tokenizer
-from models.loss import CHUNK_TOKENS
+from models.loss import CHUNK_TOKENS, label_tokens, summed_token_nll
 from models.precision import Precision
 from training import loop
 from training.config import TrainConfig

@@ -1,9 +1,14 @@
-"""The next-token loss over a large vocabulary, a chunk of tokens at a time: never all the logits at once.
+"""The next-token loss: -log p(token | the tokens before it), summed over the labelled tokens of a batch.
 
-A causal LM's loss at one position is the cross-entropy of its logits ``z = h W^T`` (``h`` the
-final hidden state, ``W`` the vocabulary head, ``(vocab, hidden)``) against the next token y::
+A causal LM's position t predicts token t + 1. Its loss there is the cross-entropy of its logits
+``z = h W^T`` (``h`` the final hidden state, ``W`` the vocabulary head, ``(vocab, hidden)``)
+against the next token y::
 
     loss = logsumexp(z) - z[y]                 d loss / d z = softmax(z) - onehot(y)
+
+Only labelled tokens count: a label of ``IGNORE_INDEX`` (padding, or a prompt not trained on) is
+not scored. The training loop, validation and perplexity (``eval/perplexity.py``) all take the
+loss from ``summed_token_nll``, a sum whose mean is over ``label_tokens``.
 
 The usual way computes ``z`` for every position at once: for SmolLM2, 49,152 logits a token,
 in fp32 200 MB for a batch of 2 x 512 tokens, and as much again for its gradient, all to be
@@ -13,19 +18,78 @@ time. The head is frozen (LoRA never trains it), so the backward needs only the 
 the chunk's logits while it holds them, and the backward scales it by the incoming gradient.
 Keeping the logits for the backward instead, or recomputing them there, would cost memory or
 a second pass over the head; this is how Liger-Kernel's fused linear cross-entropy does it on
-GPUs, written here in plain PyTorch. It is what the training loop and validation compute
-(``eval.perplexity.summed_token_nll``), tested against ``F.cross_entropy`` on the full logits.
+GPUs, written here in plain PyTorch (``chunked_cross_entropy``), tested against ``F.cross_entropy``
+on the full logits.
 """
 
+import inspect
+
 import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.nn import functional as F
 
 from lora.compute_dtype import compute_dtype
+from models.precision import FP32, Precision
 
 # The label of a token not scored: the ignore_index of F.cross_entropy and of transformers' own
 # loss. data.sequences pads labels with its own copy (data and models do not import each other);
 # tests/test_loss.py holds the two equal.
 IGNORE_INDEX = -100
 CHUNK_TOKENS = 256  # tokens whose logits exist at once: 256 x 49,152 fp32 logits are 50 MB
+# Asking a transformers causal LM for the logits of no position (an empty index tensor) skips its head.
+NO_POSITIONS = torch.empty(0, dtype=torch.long)
+
+
+def summed_token_nll(model, batch: dict[str, torch.Tensor], precision: Precision = FP32,
+                     chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """The sum of -log p(token | the tokens before it) over the labelled tokens of one padded batch.
+
+    Position t predicts token t + 1, so the hidden states (or logits) drop their last position
+    and the labels their first (the shift transformers applies inside ``model(..., labels=...)``).
+    A sum, not a mean: divided by ``label_tokens`` of one batch it is the model's own loss, and
+    divided by the label tokens of several batches it weighs every token the same (the training
+    loop's gradient accumulation, ``training/loop.py``). Differentiable; ``.item()`` for a number.
+
+    ``chunk_tokens``: the loss is taken ``chunk_tokens`` positions at a time from the final hidden
+    states (``chunked_cross_entropy``), never forming the whole batch's logits; 0 forms them all
+    and calls ``F.cross_entropy``, as does a model whose head is not a plain frozen ``Linear``.
+    """
+    labels = batch["labels"][:, 1:]
+    with precision.autocast(batch["input_ids"].device):
+        head = vocabulary_head(model) if chunk_tokens else None
+        if head is not None:
+            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            output_hidden_states=True, logits_to_keep=NO_POSITIONS.to(batch["input_ids"].device))
+            hidden = outputs.hidden_states[-1][:, :-1]  # after the final norm: what the head multiplies
+            return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), chunk_tokens)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of ``batch`` are predicted and scored: labels other than -100, after the shift."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def vocabulary_head(model) -> torch.Tensor | None:
+    """The head's weight ``(vocab, hidden)`` when the chunked loss can use it, else None.
+
+    It can when the head is a plain ``nn.Linear`` without bias, frozen (not a LoRA target), and
+    the model takes ``logits_to_keep`` (Llama, Qwen2 and most recent transformers models). Under
+    DDP the model is ``.module``; under FSDP2 the head's weight is a shard, gathered whole here
+    (FSDP2 gathers the head for its forward in any case).
+    """
+    inner = getattr(model, "module", model)  # DDP's wrapper holds the model as .module
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.requires_grad:
+        return None
+    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
+        return None
+    weight = head.weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

@@ -12,7 +12,7 @@ from data.collate import PadCollator
 from data.generated_tasks import generate_tasks
 from data.instructions import save_instructions
 from data.tokenization import tokenize_example
-from eval.perplexity import main, perplexity, summed_token_nll
+from eval.perplexity import main, perplexity
 from lora import disable_lora, inject_lora, save_adapter
 from models.loader import char_tokenizer
 
@@ -111,18 +111,3 @@ def test_perplexity_leaves_the_callers_train_or_eval_mode(tiny, training):
     tiny.train(training)
     perplexity(tiny, examples(2), pad_id=0)
     assert tiny.training is training and all(module.training is training for module in tiny.modules())
-
-
-def test_summed_token_nll_chunked_equals_full_logits_and_so_do_lora_gradients(tiny):
-    inject_lora(tiny)
-    randomize_lora(tiny)
-    batch = PadCollator(0)(examples(4))
-    results = []
-    for chunk_tokens in (7, 0):  # 0: the whole batch's logits and F.cross_entropy
-        loss = summed_token_nll(tiny, batch, chunk_tokens=chunk_tokens)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in tiny.parameters() if p.requires_grad]))
-        tiny.zero_grad(set_to_none=True)
-    (chunked, chunked_grads), (full, full_grads) = results
-    assert_close(chunked, full)
-    assert_close(chunked_grads, full_grads)

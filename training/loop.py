@@ -30,12 +30,13 @@ from data.collate import PadCollator, length_grouped_batches
 from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
-from eval.perplexity import label_tokens, summed_nll, summed_token_nll
+from eval.perplexity import summed_nll
 from lora import (adapter_state_dict, cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line,
                   use_fused_lora)
 from lora.loraplus import loraplus_optimizer
 from lora.atomic import write_atomically
 from models.loader import load_model
+from models.loss import label_tokens, summed_token_nll
 from models.precision import Precision, choose_precision
 from training import distributed
 from training.checkpoint import (CHECKPOINT_NAME, RunState, choose_checkpoint, load_checkpoint, previous_checkpoint,
