@@ -6,9 +6,9 @@ accumulated in one process, or one per process over two (``training/loop.py``'s
 SmolLM2's shape (speed does not depend on the weights' values) with LoRA on q_proj and v_proj.
 
 - MB exchanged: the size of the tensors the processes combine in a step. DDP's is what it hands
-  to all-reduce, counted by a communication hook (``training.distributed.GradientTraffic``), for
-  LoRA and, for comparison, for full fine-tuning of the same model (every weight trainable; its
-  step is not timed). FSDP2's is every parameter it gathers whole and every gradient it reduces,
+  to all-reduce, counted by a communication hook (``GradientTraffic``), for LoRA and, for
+  comparison, for full fine-tuning of the same model (every weight trainable; its step is not
+  timed). FSDP2's is every parameter it gathers whole and every gradient it reduces,
   counted by wrapping the two ``torch.distributed`` functions it calls, ``all_gather_single``
   and ``reduce_scatter_single`` (if a later torch calls others, the count is 0: shown as "-").
 
@@ -30,13 +30,15 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel
 from transformers import AutoModelForCausalLM
 
 from lora import inject_lora
 from models.loader import load_config
 from models.precision import choose_precision
 from training import distributed
-from training.distributed import GradientTraffic, World
+from training.distributed import World
 from training.loop import accumulate_gradients
 
 SETUPS = ("1 process", "ddp", "fsdp2")
@@ -67,6 +69,25 @@ def gradient_bytes(model, world: World, full: bool) -> int:
              micro_batches(model.config.vocab_size, 1, 1, 16, seed=world.rank)[0].items()}
     accumulate_gradients(ddp, [batch], choose_precision("fp32", world.device), off, world=world)
     return traffic.bytes
+
+
+class GradientTraffic:
+    """A DDP communication hook that counts the bytes this rank hands to all-reduce, then all-reduces.
+
+    ``GradientTraffic().attach(ddp_model)``; ``.bytes`` grows by each gradient bucket's size. It
+    proves what the frozen base costs DDP: nothing, as it has no gradients.
+    """
+
+    def __init__(self):
+        self.bytes = 0
+
+    def attach(self, model: DistributedDataParallel) -> "GradientTraffic":
+        model.register_comm_hook(None, self.hook)
+        return self
+
+    def hook(self, process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
+        return default_hooks.allreduce_hook(process_group, bucket)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,7 @@ slows them all alike:
 - before: the loop as it was until issue 14: the frozen base in fp32, cast to bf16 by autocast
   at every matmul, and the loss from the whole batch's fp32 logits;
 - now: the loop as it is (``training/loop.py``): the frozen base held in bf16, A and B in fp32,
-  autocast on, the loss a chunk of tokens at a time (``eval/cross_entropy.py``);
+  autocast on, the loss a chunk of tokens at a time (``models/loss.py``);
 - peft-bf16: what a user would pick instead: Hugging Face peft on the model loaded in bf16 (the
   usual choice), its default fp32 adapters (``autocast_adapter_dtype``), bf16 autocast, and a
   minimal PyTorch loop (forward with ``labels``, backward, clip, AdamW).
@@ -38,10 +38,9 @@ from benchmarks.lora_step import in_fresh_process, peak_memory_gb, timed
 from data.collate import PadCollator
 from data.sequences import pad_token_id
 from data.tasks import build_task
-from eval.cross_entropy import CHUNK_TOKENS
-from eval.perplexity import label_tokens, summed_token_nll
 from lora import inject_lora
 from models.loader import load_model, load_tokenizer
+from models.loss import CHUNK_TOKENS, label_tokens, summed_token_nll
 from models.precision import Precision
 from training import loop
 from training.config import TrainConfig

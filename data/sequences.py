@@ -18,7 +18,10 @@ from collections.abc import Sequence
 
 import torch
 
-IGNORE_INDEX = -100  # labels with this value add nothing to torch.nn.functional.cross_entropy
+# Labels with this value add nothing to the loss: the ignore_index of F.cross_entropy and of
+# transformers' own loss. models.loss, which scores them, holds its own copy (data and models do
+# not import each other); tests/test_loss.py holds the two equal.
+IGNORE_INDEX = -100
 
 
 def window_starts(n_tokens: int, max_length: int, stride: int) -> list[int]:

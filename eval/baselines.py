@@ -143,14 +143,26 @@ def initial_guess(context: np.ndarray, dt: float = DT) -> np.ndarray:
     return np.log(np.concatenate([np.maximum([alpha, beta, delta, gamma], 1e-3), [x[0], y[0]]]))
 
 
+def lotka_volterra_parameters(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(params (alpha, beta, delta, gamma), initial (x0, y0))`` of ``theta`` = their logarithms, as fitted.
+
+    The fit works in logs so that the rates and the state stay positive; this reads its result in
+    the units ``data.lotka_volterra.simulate`` draws them in, to compare a fit with the truth.
+
+    Shapes: ``(..., 6)`` -> ``((..., 4), (..., 2))``.
+    """
+    values = np.exp(theta)
+    return values[..., :4], values[..., 4:]
+
+
 def trajectory(theta: np.ndarray, n_steps: int, dt: float = DT) -> np.ndarray:
     """The Lotka-Volterra series of ``theta`` = log (alpha, beta, delta, gamma, x0, y0).
 
     Shapes: ``(..., 6)`` -> ``(..., n_steps, 2)``.
     """
     shape = theta.shape[:-1]
-    flat = np.exp(theta.reshape(-1, 6))
-    series = integrate(flat[:, 4:], flat[:, :4], n_steps, dt, SUBSTEPS)
+    params, initial = lotka_volterra_parameters(theta.reshape(-1, 6))
+    series = integrate(initial, params, n_steps, dt, SUBSTEPS)
     return series.reshape(*shape, n_steps, 2)
 
 
@@ -224,8 +236,3 @@ def physics_fit(contexts: np.ndarray, horizon: int, dt: float = DT) -> np.ndarra
     theta = fit_lotka_volterra(contexts, dt)
     return trajectory(theta, contexts.shape[-2] + horizon, dt)[..., contexts.shape[-2]:, :]
 
-
-def lotka_volterra_parameters(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(params (alpha, beta, delta, gamma), initial (x0, y0))`` of a fitted ``theta`` ``(6,)``."""
-    values = np.exp(theta)
-    return values[:4], values[4:]

@@ -117,12 +117,6 @@ def model_forecasts(model, tokenizer, contexts: Sequence[np.ndarray], horizon: i
     return forecasts
 
 
-def model_forecast(model, tokenizer, context: np.ndarray, horizon: int, samples: int = 5, temperature: float = 0.7,
-                   top_p: float = 0.9, seed: int = 0, decimals: int = 2) -> ModelForecast:
-    """``model_forecasts`` of one context: ``temperature=0`` writes one greedy continuation."""
-    return model_forecasts(model, tokenizer, [context], horizon, samples, temperature, top_p, seed, decimals)[0]
-
-
 def errors(truth: np.ndarray, forecast: np.ndarray) -> dict:
     """MAE and MSE over everything and per horizon step; ``truth`` and ``forecast`` are ``(systems, horizon, vars)``."""
     difference = forecast - truth

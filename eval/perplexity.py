@@ -12,78 +12,19 @@ its prompt, as it was trained.
 """
 
 import argparse
-import inspect
 import math
 import sys
 
 import torch
-from torch import nn
-from torch.distributed.tensor import DTensor
-from torch.nn import functional as F
 
 from data.collate import PadCollator
 from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import series_texts, task_split, windows
 from data.tokenization import tokenize_examples
 from eval.cli import add_model_arguments, load_model_and_adapter
-from eval.cross_entropy import CHUNK_TOKENS, chunked_cross_entropy
 from eval.mode import eval_mode
+from models.loss import label_tokens, summed_token_nll
 from models.precision import FP32, Precision
-
-
-def label_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """How many tokens of ``batch`` are predicted and scored: labels other than -100, after the shift."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def summed_token_nll(model, batch: dict[str, torch.Tensor], precision: Precision = FP32,
-                     chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
-    """The sum of -log p(token | the tokens before it) over the labelled tokens of one padded batch.
-
-    Position t predicts token t + 1, so the hidden states (or logits) drop their last position
-    and the labels their first (the shift transformers applies inside ``model(..., labels=...)``).
-    A sum, not a mean: divided by ``label_tokens`` of one batch it is the model's own loss, and
-    divided by the label tokens of several batches it weighs every token the same (the training
-    loop's gradient accumulation, ``training/loop.py``). Differentiable; ``.item()`` for a number.
-
-    ``chunk_tokens``: the loss is taken ``chunk_tokens`` positions at a time from the final hidden
-    states (``eval/cross_entropy.py``), never forming the whole batch's logits; 0 forms them all
-    and calls ``F.cross_entropy``, as does a model whose head is not a plain frozen ``Linear``.
-    """
-    labels = batch["labels"][:, 1:]
-    with precision.autocast(batch["input_ids"].device):
-        head = vocabulary_head(model) if chunk_tokens else None
-        if head is not None:
-            outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=True, logits_to_keep=NO_POSITIONS.to(batch["input_ids"].device))
-            hidden = outputs.hidden_states[-1][:, :-1]  # after the final norm: what the head multiplies
-            return chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head, labels.reshape(-1), chunk_tokens)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-# Asking a transformers causal LM for the logits of no position (an empty index tensor) skips its head.
-NO_POSITIONS = torch.empty(0, dtype=torch.long)
-
-
-def vocabulary_head(model) -> torch.Tensor | None:
-    """The head's weight ``(vocab, hidden)`` when the chunked loss can use it, else None.
-
-    It can when the head is a plain ``nn.Linear`` without bias, frozen (not a LoRA target), and
-    the model takes ``logits_to_keep`` (Llama, Qwen2 and most recent transformers models). Under
-    DDP the model is ``.module``; under FSDP2 the head's weight is a shard, gathered whole here
-    (FSDP2 gathers the head for its forward in any case).
-    """
-    inner = getattr(model, "module", model)  # DDP's wrapper holds the model as .module
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear) or head.bias is not None or head.weight.requires_grad:
-        return None
-    if "logits_to_keep" not in inspect.signature(inner.forward).parameters:
-        return None
-    weight = head.weight
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def unconditional(example: dict) -> dict:

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.distributed import GradientTraffic
 from lora import LoRALinear, NF4Linear, inject_lora, lora_layers, quantize_model
 from models.loader import tiny_model
 from models.precision import FP32
 from training import distributed, loop
 from training.config import parse_config
-from training.distributed import GradientTraffic, World
+from training.distributed import World
 
 # Small and quick: windows of 64 tokens of the tiny Llama, 3 steps, validated at 2 and 3, checkpointed at 2.
 BASE = ["--model", "tiny-llama", "--max-length", "64", "--stride", "32", "--batch-size", "4", "--eval-batches", "2",

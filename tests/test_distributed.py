@@ -1,7 +1,8 @@
 """Distributed training under torchrun (gloo, 2 processes on the CPU) against the single-process loop.
 
 Two launches: ``tests/distributed_worker.py`` runs the DDP and FSDP2 scenarios and the checks that
-need a live process group; the CLI launch kills a worker mid-run and lets torchrun restart it.
+need a live process group; ``tests/kill_worker.py`` runs the CLI with a worker killed mid-run, and
+torchrun restarts it.
 Each launch runs in its own process group, killed whole on a timeout (``distributed.torchrun``).
 """
 
@@ -19,11 +20,12 @@ from lora import load_adapter
 from models.loader import load_model
 from training import distributed
 from training.config import parse_config
-from training.distributed import KILL_FOR_TEST, World
+from training.distributed import World
 from training.loop import train
 
 pytestmark = pytest.mark.distributed
 WORKER = Path(__file__).parent / "distributed_worker.py"
+KILL_WORKER = Path(__file__).parent / "kill_worker.py"
 
 
 def adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -97,13 +99,13 @@ def test_ddp_names_the_parameter_that_got_no_gradient(launched):
 
 
 def test_cli_under_torchrun_restarts_a_killed_worker_and_its_adapter_loads_in_peft(tmp_path):
-    """torchrun -m training.loop, rank 1 killed after step 3: the restarted group resumes from the
-    checkpoint of step 2 and ends where an uninterrupted run does; peft reads its adapter."""
+    """The training CLI under torchrun, rank 1 killed after step 3: the restarted group resumes from
+    the checkpoint of step 2 and ends where an uninterrupted run does; peft reads its adapter."""
     from peft import PeftModel
 
     settings = ["--max-steps", "5", "--checkpoint-every", "2", "--eval-every", "5"]
-    result = distributed.torchrun(["-m", "training.loop", *BASE, *settings, "--out", str(tmp_path / "runs")],
-                                  processes=2, timeout=300, max_restarts=1, env={KILL_FOR_TEST: "1:3"})
+    result = distributed.torchrun([str(KILL_WORKER), "1:3", *BASE, *settings, "--out", str(tmp_path / "runs")],
+                                  processes=2, timeout=300, max_restarts=1)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"exitcode: -{int(signal.SIGKILL)}" in result.stderr or "SIGKILL" in result.stderr  # it did die
     (run,) = (tmp_path / "runs").iterdir()  # named after the rendezvous id, found again after the restart

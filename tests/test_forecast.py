@@ -20,7 +20,6 @@ from eval.forecast import (
     crps,
     errors,
     main,
-    model_forecast,
     model_forecasts,
     run_forecasts,
     wrote_horizon,
@@ -30,6 +29,11 @@ from models.loader import TINY_SHAPE, char_tokenizer, tiny_model
 
 TOKENIZER = char_tokenizer()
 SERIES = create_dataset(n_systems=100, seed=0).split("test")  # 10 held-out systems
+
+
+def model_forecast(model, tokenizer, context: np.ndarray, horizon: int, **settings):
+    """``model_forecasts`` of one context alone: the reference a batch of them is held to."""
+    return model_forecasts(model, tokenizer, [context], horizon, **settings)[0]
 
 
 def prompt_texts(input_ids, attention_mask=None, samples_per_prompt=1, **settings):

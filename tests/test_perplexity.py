@@ -6,15 +6,13 @@ import math
 import pytest
 import torch
 from conftest import randomize_lora
-from torch.nn import functional as F
 from torch.testing import assert_close
 
 from data.collate import PadCollator
 from data.generated_tasks import generate_tasks
 from data.instructions import save_instructions
 from data.tokenization import tokenize_example
-from eval.cross_entropy import chunked_cross_entropy
-from eval.perplexity import main, perplexity, summed_token_nll
+from eval.perplexity import main, perplexity
 from lora import disable_lora, inject_lora, save_adapter
 from models.loader import char_tokenizer
 
@@ -113,42 +111,3 @@ def test_perplexity_leaves_the_callers_train_or_eval_mode(tiny, training):
     tiny.train(training)
     perplexity(tiny, examples(2), pad_id=0)
     assert tiny.training is training and all(module.training is training for module in tiny.modules())
-
-
-# --- The chunked loss (eval/cross_entropy.py) ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("chunk_tokens", [1, 37, 256, 5000])
-def test_chunked_cross_entropy_and_its_gradient_equal_full_logits_cross_entropy(chunk_tokens):
-    generator = torch.Generator().manual_seed(0)
-    hidden = (torch.randn(1000, 64, generator=generator) * 0.2).requires_grad_()
-    weight = torch.randn(300, 64, generator=generator)
-    labels = torch.randint(0, 300, (1000,), generator=generator)
-    labels[::7] = -100  # unscored tokens: padding or a masked prompt
-    loss = chunked_cross_entropy(hidden, weight, labels, chunk_tokens)
-    (grad,) = torch.autograd.grad(2 * loss, hidden)
-    expected = F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100, reduction="sum")
-    (expected_grad,) = torch.autograd.grad(2 * expected, hidden)
-    assert_close(loss, expected)
-    assert_close(grad, expected_grad)
-
-
-def test_chunked_loss_refuses_a_head_that_trains():
-    weight = torch.randn(10, 4, requires_grad=True)
-    with pytest.raises(ValueError, match="keeps the vocabulary head frozen"):
-        chunked_cross_entropy(torch.randn(3, 4), weight, torch.tensor([1, 2, 3]))
-
-
-def test_summed_token_nll_chunked_equals_full_logits_and_so_do_lora_gradients(tiny):
-    inject_lora(tiny)
-    randomize_lora(tiny)
-    batch = PadCollator(0)(examples(4))
-    results = []
-    for chunk_tokens in (7, 0):  # 0: the whole batch's logits and F.cross_entropy
-        loss = summed_token_nll(tiny, batch, chunk_tokens=chunk_tokens)
-        loss.backward()
-        results.append((loss.detach(), [p.grad.clone() for p in tiny.parameters() if p.requires_grad]))
-        tiny.zero_grad(set_to_none=True)
-    (chunked, chunked_grads), (full, full_grads) = results
-    assert_close(chunked, full)
-    assert_close(chunked_grads, full_grads)

@@ -40,7 +40,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -54,9 +53,6 @@ STRATEGIES = ("auto", "ddp", "fsdp2")
 # How long a rank waits in a collective for the others before it gives up: longer than any one
 # rank works alone (loading the model, writing a checkpoint), short enough that a hang ends.
 TIMEOUT = datetime.timedelta(minutes=10)
-# Test-only: "RANK:STEP" makes that rank kill itself after that optimizer step, in the first
-# attempt only, so a test can watch torchrun restart the workers (tests/test_distributed.py).
-KILL_FOR_TEST = "LORA_TEST_KILL_RANK_AFTER_STEP"
 
 
 @dataclass(frozen=True)
@@ -261,25 +257,6 @@ def clip_grad_norm(parameters: list[nn.Parameter], max_norm: float) -> float:
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-class GradientTraffic:
-    """A DDP communication hook that counts the bytes this rank hands to all-reduce, then all-reduces.
-
-    ``GradientTraffic().attach(ddp_model)``; ``.bytes`` grows by each gradient bucket's size. It
-    proves what the frozen base costs DDP: nothing, as it has no gradients.
-    """
-
-    def __init__(self):
-        self.bytes = 0
-
-    def attach(self, model: DistributedDataParallel) -> "GradientTraffic":
-        model.register_comm_hook(None, self.hook)
-        return self
-
-    def hook(self, process_group, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        self.bytes += bucket.buffer().numel() * bucket.buffer().element_size()
-        return default_hooks.allreduce_hook(process_group, bucket)
-
-
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every trainable tensor (A and B), whole, on the CPU, by parameter name: on rank 0; empty elsewhere.
 
@@ -298,15 +275,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {KEY_PREFIX + name: tensor for name, tensor in trainable_state(model).items()}
 
 
-def kill_for_test(world: World, step: int) -> None:
-    """Test-only: kill this rank after ``step`` if ``LORA_TEST_KILL_RANK_AFTER_STEP`` says so, once."""
-    spec = os.environ.get(KILL_FOR_TEST)
-    if spec and not restarted() and spec == f"{world.rank}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600, max_restarts: int = 0,
-             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600,
+             max_restarts: int = 0) -> subprocess.CompletedProcess:
     """Run ``torchrun --standalone --nproc-per-node processes <arguments>`` on this machine and wait for it.
 
     ``arguments``: what follows torchrun's own options (``["-m", "training.loop", ...]``, or a
@@ -320,7 +290,7 @@ def torchrun(arguments: list[str], processes: int = 2, timeout: float = 600, max
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
                f"--max-restarts={max_restarts}", *arguments]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, **(env or {})})
+                               start_new_session=True)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -30,12 +30,13 @@ from data.collate import PadCollator, length_grouped_batches
 from data.sequences import IGNORE_INDEX, pad_token_id
 from data.tasks import build_task
 from eval.flops import flops_of_model, format_flops
-from eval.perplexity import label_tokens, summed_nll, summed_token_nll
+from eval.perplexity import summed_nll
 from lora import (adapter_state_dict, cast_frozen, inject_lora, quantize_model, save_adapter, trainable_parameters_line,
                   use_fused_lora)
 from lora.loraplus import loraplus_optimizer
 from lora.atomic import write_atomically
 from models.loader import load_model
+from models.loss import label_tokens, summed_token_nll
 from models.precision import Precision, choose_precision
 from training import distributed
 from training.checkpoint import (CHECKPOINT_NAME, RunState, choose_checkpoint, load_checkpoint, previous_checkpoint,
@@ -395,7 +396,6 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
             state.scaler = scaler.state_dict()
             save_checkpoint(checkpoint_path, model, optimizer, state, world)
             checkpointed = state.step
-        distributed.kill_for_test(world, state.step)
         if stop_early:
             say(f"early stop at step {state.step}: {config.early_stop} evaluations without a better validation loss")
             break
