@@ -243,7 +243,8 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     """Run the training ``config`` describes (or continue the run in ``resume``); return a summary.
 
     ``world``: this process's place among torchrun's (``distributed.start()``, the default, joins
-    them, or finds it is alone). Every rank calls ``train`` with the same settings.
+    them, or finds it is alone). Every rank calls ``train`` with the same settings, which
+    ``TrainConfig.validate`` accepts for this world.
 
     Raises:
         BadInput: a model, data file or setting that cannot work, found before anything is written.
@@ -262,12 +263,9 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
     # 2. The pretrained model, its frozen weights held in the compute dtype (bf16 where the device
     #    computes it natively: no weight is cast again at each matmul), and the data. A 4-bit base
     #    is loaded in fp32 first, so that its block constants are computed from the unrounded weights.
-    strategy = "none" if not world.distributed else "ddp" if config.strategy == "auto" else config.strategy
+    strategy = config.strategy_for(world)
     try:
         precision = choose_precision(config.precision, device)
-        if strategy == "fsdp2" and precision.needs_loss_scaling:
-            raise ValueError("--precision fp16 needs a gradient scaler, which this loop does not combine with "
-                             "FSDP2's sharded gradients; use --precision bf16, or --strategy ddp")
         model, tokenizer = load_model(config.model, precision.base_dtype if config.quantize == "none" else torch.float32)
         data = build_task(config, tokenizer)
     except (FileNotFoundError, ValueError) as error:
@@ -438,8 +436,8 @@ def main(argv=None) -> int:
     world = distributed.start()
     say_error = (lambda text: print(text, file=sys.stderr)) if world.is_main else (lambda text: None)
     try:
-        config, resume = parse_config(argv)
-    except ValueError as error:  # a setting that cannot work; nothing has been written
+        config, resume = parse_config(argv, world)
+    except ValueError as error:  # a setting that cannot work on this machine; nothing has been written
         say_error(f"error: {error}")
         distributed.stop()
         return 2
