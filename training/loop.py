@@ -393,7 +393,6 @@ def train(config: TrainConfig, resume: Path | None = None, world: World | None =
             state.scaler = scaler.state_dict()
             save_checkpoint(checkpoint_path, model, optimizer, state, world)
             checkpointed = state.step
-        distributed.kill_for_test(world, state.step)
         if stop_early:
             say(f"early stop at step {state.step}: {config.early_stop} evaluations without a better validation loss")
             break
