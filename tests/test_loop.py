@@ -550,6 +550,20 @@ def test_fp16_on_the_cpu_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("processes, strategy, refused", [(2, "fsdp2", True), (2, "ddp", False), (2, "auto", False),
+                                                          (1, "fsdp2", False)])
+def test_fp16_under_fsdp2_is_refused_by_validate_before_anything_loads(processes, strategy, refused):
+    # A CUDA world, named only: asking for fp16 explicitly touches no GPU. One process ignores --strategy.
+    world = loop.World(rank=0, size=processes, device=torch.device("cuda", 0))
+    config = TrainConfig(precision="fp16", strategy=strategy)
+    if refused:
+        with pytest.raises(ValueError, match="--precision fp16 needs a gradient scaler, which this loop does not "
+                                             "combine with FSDP2's sharded gradients"):
+            config.validate(world)
+    else:
+        config.validate(world)
+
+
 def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
     assert main(run_args(tmp_path, "--max-steps", "1")) == 0

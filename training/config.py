@@ -18,8 +18,8 @@ from data.tasks import TASKS
 from lora.inject import INITS
 from lora.targets import parse_targets
 from lora.layer import check_hyperparameters
-from models.precision import PRECISIONS
-from training.distributed import STRATEGIES
+from models.precision import PRECISIONS, choose_precision
+from training.distributed import STRATEGIES, World
 
 LORA_PATHS = ("plain", "fused")
 QUANTIZATIONS = ("none", "nf4")
@@ -94,8 +94,13 @@ class TrainConfig:
     out: str = option("runs", "folder that holds one subfolder per run")
     name: str | None = option(None, "run folder name; default: <task>-<date>-<time>")
 
-    def validate(self) -> None:
-        """Raise ``ValueError`` naming the first field whose value cannot work."""
+    def validate(self, world: World | None = None) -> None:
+        """Raise ``ValueError`` naming the first field whose value cannot work.
+
+        Given ``world`` (the processes and the device the run will have), also the settings that
+        cannot work there: ``--precision fp16`` without a CUDA GPU, and fp16 (asked for, or what
+        ``auto`` picks on an older GPU) under FSDP2.
+        """
         try:
             check_hyperparameters(self.r, self.alpha, self.dropout)  # LoRA's own checks: lora/layer.py
             check_noise(self.noise)  # the simulator's own check: data/lotka_volterra.py
@@ -144,6 +149,18 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        if world is None:
+            return
+        precision = choose_precision(self.precision, world.device)  # raises for fp16 without CUDA
+        if self.strategy_for(world) == "fsdp2" and precision.needs_loss_scaling:
+            raise ValueError("--precision fp16 needs a gradient scaler, which this loop does not combine with "
+                             "FSDP2's sharded gradients; use --precision bf16, or --strategy ddp")
+
+    def strategy_for(self, world: World) -> str:
+        """How ``world``'s processes share the run: "none" alone; under torchrun ``--strategy``, auto being ddp."""
+        if not world.distributed:
+            return "none"
+        return "ddp" if self.strategy == "auto" else self.strategy
 
     @property
     def target_modules(self) -> list[str]:
@@ -201,11 +218,13 @@ def config_from_file(path: Path) -> dict:
     return values
 
 
-def parse_config(argv=None) -> tuple[TrainConfig, Path | None]:
+def parse_config(argv=None, world: World | None = None) -> tuple[TrainConfig, Path | None]:
     """``(config, resume_folder)`` from the command line; bad input raises ``ValueError`` naming the field.
 
     With ``--resume runs/NAME`` the run's own ``config.json`` is the base, so the run continues
     with the settings it started with; flags may still change some (``--max-steps``, say).
+    ``world``: the processes and device the run will have, to check the settings against
+    (``TrainConfig.validate``); ``python -m training.loop`` passes its own.
     """
     args = vars(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
     config_path, resume = args.pop("config"), args.pop("resume")
@@ -224,5 +243,5 @@ def parse_config(argv=None) -> tuple[TrainConfig, Path | None]:
         if not isinstance(value, accepted) or (isinstance(value, bool) and spec.type is not bool):
             raise ValueError(f"setting {spec.name!r} must be {getattr(spec.type, '__name__', 'a string')}, "
                              f"got {value!r}")
-    config.validate()
+    config.validate(world)
     return config, resume
