@@ -2,10 +2,11 @@
 
 The plain path, ``base(x) + B(A(dropout(x))) * s``, is ``LoRALinear``'s default, its
 ``forward`` as written; this one is opt-in, ``use_fused_lora(model, True)``, which turns each
-``LoRALinear`` into a ``FusedLoRALinear``, and tested against it (``tests/test_fused.py``). The plain path is five kernels forward (three matmuls, a scale, an
-add) and, backward, autograd adds the input gradient of the LoRA branch to the base's in yet
-another pass. LoRA's own FLOPs are tiny (r << in, out), so what costs time is those extra
-passes over ``(tokens, out)`` activations. This path does the same math in fewer:
+``LoRALinear`` into a ``FusedLoRALinear``, and tested against it (``tests/test_fused.py``).
+The plain path is five kernels forward (three matmuls, a scale, an add) and, backward,
+autograd adds the input gradient of the LoRA branch to the base's in yet another pass. LoRA's
+own FLOPs are tiny (r << in, out), so what costs time is those extra passes over
+``(tokens, out)`` activations. This path does the same math in fewer:
 
 Forward, float32 and dropout 0: one matmul through a merged weight, ``x W'^T + b`` with
 ``W' = W + s B A`` formed for the call and dropped (``through_merged_weight``; unlike

@@ -25,7 +25,7 @@ class LoRAOptions:
 
 
 def plain_lora(name: str, module: nn.Module, options: LoRAOptions) -> Callable[[], nn.Module] | None:
-    """The adapter of last resort: a ``LoRALinear`` on any ``LinearBase`` (an ``nn.Linear``, or a 4-bit ``NF4Linear``)."""
+    """The adapter of last resort: a ``LoRALinear`` on any ``LinearBase`` (``nn.Linear``, or a 4-bit ``NF4Linear``)."""
     if not isinstance(module, LinearBase):
         return None
     return lambda: LoRALinear(module, options.r, options.alpha, options.dropout, options.dtype, options.use_rslora)

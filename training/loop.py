@@ -106,7 +106,7 @@ def step_plan(lengths: list[int], batch_size: int, grad_accum: int, seed: int, r
 
 
 def total_steps(config: TrainConfig, n_train: int, world_size: int = 1) -> int:
-    """``--max-steps``, or with ``--epochs`` the optimizer steps that many passes over the data take (all ranks together)."""
+    """``--max-steps``, or with ``--epochs`` the optimizer steps that many passes over the data take (all ranks)."""
     if config.epochs > 0:
         micro_batches = config.epochs * math.ceil(n_train / config.batch_size)
         return max(1, round(micro_batches / (config.grad_accum * world_size)))
@@ -399,11 +399,10 @@ def describe_run(config: TrainConfig, world: World, precision: Precision, target
 def train(config: TrainConfig, resume: Path | None = None, world: World | None = None) -> dict:
     """Run the training ``config`` describes (or continue the run in ``resume``); return a summary.
 
-    ``world``: this process's place among torchrun's (``distributed.start()``, the default, joins
-    them, or finds it is alone). Every rank calls ``train`` with the same settings.
+    ``world``: this process's place among torchrun's (``distributed.start()`` by default). Every rank calls
+    ``train`` with the same settings, which ``TrainConfig.validate`` checks first for this world (ValueError).
 
     Raises:
-        ValueError: a setting ``TrainConfig.validate`` refuses for this world (``main`` checks them first).
         BadInput: what cannot load, found before the loop (``as_bad_input``); under DDP, a parameter with no gradient.
         Diverged: the loss became NaN or infinite.
     """
