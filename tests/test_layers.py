@@ -1,12 +1,14 @@
-"""The packages import one way, lora -> data | models -> eval -> training -> benchmarks | experiments, and
-data takes nothing from lora but lora.atomic, as setup.cfg's import-linter contracts say; an import
-that breaks either fails the suite with its name."""
+"""The packages import one way, lora -> data | models -> eval -> training -> benchmarks | experiments;
+data takes nothing from lora but lora.atomic; lora.layer and lora.inject import no variant: as
+setup.cfg's import-linter contracts say. An import that breaks one fails the suite with its name."""
 
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 PACKAGES = ("lora", "data", "models", "eval", "training", "benchmarks", "experiments")
@@ -35,29 +37,23 @@ def copy_with(tmp_path: Path, path: str, source: str) -> Path:
     return tmp_path
 
 
-def test_a_wrong_way_import_breaks_the_layers_contract_and_is_named(tmp_path):
-    # The core knowing about the loop: the import the contract exists to catch.
-    result = lint_imports(copy_with(tmp_path, "lora/wrong_way.py", "from training.schedule import get_lr\n"))
+INJECT = (ROOT / "lora" / "inject.py").read_text()
+
+
+@pytest.mark.parametrize("path, source, contract, named", [
+    # The core knowing about the loop: the import the layers contract exists to catch.
+    ("lora/wrong_way.py", "from training.schedule import get_lr\n", "imports only the layers below it",
+     "lora.wrong_way -> training.schedule"),
+    # Below data in the layers, so the layers contract allows it; data's forbidden contract does not.
+    ("data/adapted.py", "from lora.inject import inject_lora\n", "data imports nothing from lora but lora.atomic",
+     "data.adapted -> lora.inject"),
+    # Both in lora, so the layers contract allows it; the core's forbidden contract does not.
+    ("lora/inject.py", INJECT + "from lora.nf4 import NF4Linear\n", "lora.layer and lora.inject import no variant",
+     "lora.inject -> lora.nf4"),
+], ids=["layers", "data-uses-only-lora-atomic", "core"])
+def test_an_import_a_contract_forbids_breaks_that_contract_and_is_named(tmp_path, path, source, contract, named):
+    result = lint_imports(copy_with(tmp_path, path, source))
     assert result.returncode == 1
     assert "2 kept, 1 broken" in result.stdout
-    assert "imports only the layers below it BROKEN" in result.stdout
-    assert "lora.wrong_way -> training.schedule" in result.stdout
-
-
-def test_data_importing_lora_beyond_lora_atomic_breaks_its_contract_and_is_named(tmp_path):
-    # Below data in the layers, so the layers contract allows it; the forbidden contract does not.
-    result = lint_imports(copy_with(tmp_path, "data/adapted.py", "from lora.inject import inject_lora\n"))
-    assert result.returncode == 1
-    assert "2 kept, 1 broken" in result.stdout
-    assert "data imports nothing from lora but lora.atomic BROKEN" in result.stdout
-    assert "data.adapted -> lora.inject" in result.stdout
-
-
-def test_the_core_importing_a_variant_breaks_its_contract_and_is_named(tmp_path):
-    # lora.inject may not import the 4-bit layer, though the layers contract allows it (both are lora).
-    source = (ROOT / "lora" / "inject.py").read_text() + "from lora.nf4 import NF4Linear\n"
-    result = lint_imports(copy_with(tmp_path, "lora/inject.py", source))
-    assert result.returncode == 1
-    assert "2 kept, 1 broken" in result.stdout
-    assert "lora.layer and lora.inject import no variant BROKEN" in result.stdout
-    assert "lora.inject -> lora.nf4" in result.stdout
+    assert f"{contract} BROKEN" in result.stdout
+    assert named in result.stdout
