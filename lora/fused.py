@@ -132,6 +132,11 @@ class FusedLoRALinear(LoRALinear):
                           self.scaling, self.dropout if self.training else 0.0)
 
 
+def is_plain_lora(layer: LoRALinear) -> bool:
+    """Whether ``layer`` is plain LoRA on either path, not a variant (``DoRALinear``): what the fused path takes."""
+    return type(layer) in (LoRALinear, FusedLoRALinear)
+
+
 def check_fusable(layer: LoRALinear) -> None:
     """Raise ``ValueError`` unless the fused path can take ``layer``: plain LoRA (not DoRA) on an ``nn.Linear``.
 
@@ -140,7 +145,7 @@ def check_fusable(layer: LoRALinear) -> None:
     if not isinstance(layer.base_layer, nn.Linear):
         raise ValueError("the fused LoRA path needs an nn.Linear base; a 4-bit base (NF4Linear) takes the "
                          "plain path: use_fused_lora(model, False)")
-    if type(layer) not in (LoRALinear, FusedLoRALinear):
+    if not is_plain_lora(layer):
         raise ValueError(f"the fused LoRA path is plain LoRA's; a {type(layer).__name__} takes the plain path: "
                          "use_fused_lora(model, False)")
 
@@ -172,6 +177,6 @@ def use_fused_lora(model: nn.Module, fused: bool) -> int:
         except ValueError as error:
             raise ValueError(f"{name}: {error}" if name else str(error)) from None
     for _, layer in layers:
-        if type(layer) in (LoRALinear, FusedLoRALinear):
+        if is_plain_lora(layer):
             layer.__class__ = FusedLoRALinear if fused else LoRALinear
     return len(layers)
