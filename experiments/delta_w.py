@@ -21,7 +21,7 @@ writes ``delta_w.md``, ``spectra.png``, ``energy.png`` and ``subspace_similarity
 
 The arithmetic is small pure functions (``singular_spectrum``, ``energy``,
 ``eckart_young_error``, ``subspace_similarity``, ``amplification_factor``, ...) that the
-tests and the tutorial (``tutorials/09_is_delta_w_low_rank.md``) call directly.
+tests and the tutorial (``tutorials/E_is_delta_w_low_rank.md``) call directly.
 """
 
 import argparse

@@ -17,9 +17,9 @@ from tutorials.chapters import FOLDER, blocks, chapters, normalize, run_block, s
 TUTORIALS = chapters()
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
 SLOW = {"03_targets_and_injection.md", "04_data.md", "07_a_real_model_learns.md", "08_rank_and_alpha.md",
-        "09_is_delta_w_low_rank.md", "11_qlora_nf4.md"}
+        "09_qlora_nf4.md", "E_is_delta_w_low_rank.md"}
 # Chapters that launch torchrun run with the distributed tests.
-DISTRIBUTED = {"12_distributed.md"}
+DISTRIBUTED = {"H_distributed.md"}
 
 
 def test_every_output_block_follows_a_python_block():
@@ -74,6 +74,75 @@ def test_chapter_ends_with_two_or_three_exercises_whose_folded_solutions_assert(
     for solution in folded:
         code = "".join(code for kind, code, _ in blocks(solution) if kind == "python")
         assert re.search(r"\bassert\b|assert_close\(", code), f"{path.name}: a solution that asserts nothing"
+
+# The main path's pages together; 16,000 words is the aim, this the line no page may push it past.
+MAIN_PATH_WORDS = 18_000
+# asserts plus checked output blocks over every page: moving a check between pages keeps it, deleting one
+# is caught here.
+CHECKS = 298
+
+
+def test_main_path_is_at_most_18000_words_code_included():
+    words = sum(len(path.read_text().split()) for path in NUMBERED)
+    assert words <= MAIN_PATH_WORDS, f"the numbered pages hold {words:,} words; move depth to an appendix"
+
+
+@pytest.mark.parametrize("path", [path for path in TEACHING if path in NUMBERED], ids=lambda path: path.stem)
+def test_main_path_chapter_ends_with_three_to_five_key_ideas_before_its_exercises(path):
+    sections = re.split(r"^## ", path.read_text(), flags=re.MULTILINE)
+    headings = [section.split("\n", 1)[0] for section in sections[1:]]
+    assert headings[-2:] == ["Key ideas", "Try it"], f"{path.name}: ends with {headings[-2:]}"
+    bullets = [line for line in sections[-2].splitlines() if line.startswith("- ")]
+    assert 3 <= len(bullets) <= 5, f"{path.name}: {len(bullets)} key ideas"
+
+
+def test_asserts_and_checked_outputs_across_all_pages_do_not_fall():
+    found = 0
+    for path in TUTORIALS:
+        for code, expected, _ in steps(path.read_text()):
+            found += len(re.findall(r"\bassert\b|assert_close\(", code)) + (expected is not None)
+    assert found >= CHECKS, f"{found} checks, fewer than {CHECKS}: a moved section lost one"
+
+
+def test_every_chapter_that_loads_the_embedded_model_runs_with_the_slow_tests():
+    loads = re.compile(r"load_embedded\(|load_tokenizer\(|load_model\(\"smollm2")
+    for path in TUTORIALS:
+        code = "".join(code for code, _, _ in steps(path.read_text()))
+        if loads.search(code):
+            assert path.name in SLOW, f"{path.name} loads the embedded model: add it to SLOW"
+
+
+def anchors(text: str) -> set[str]:
+    """The anchors a Markdown page's headings get on GitHub: lower case, punctuation dropped, spaces to
+    hyphens, a repeated one numbered."""
+    seen, found = {}, set()
+    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(FENCED, "", text), re.MULTILINE):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+FENCED = re.compile(r"^```.*?^```$", re.MULTILINE | re.DOTALL)
+ROOT = FOLDER.parent
+PAGES = sorted(path for path in ROOT.glob("**/*.md") if not {".venv", ".git", ".pytest_cache"} & set(path.parts)
+               and "egg-info" not in str(path))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(ROOT)))
+def test_every_relative_link_resolves_to_a_file_and_its_heading(page):
+    """README, the tutorials, the other READMEs and the results' pages: each ``[text](target)`` that is
+    not a web address names a file that exists, and a ``#part`` names one of its headings."""
+    text = re.sub(r"`[^`\n]*`", "", re.sub(FENCED, "", page.read_text()))
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        file, _, part = target.partition("#")
+        linked = (page.parent / file).resolve() if file else page
+        assert linked.exists(), f"{page.relative_to(ROOT)}: {target} names no file"
+        if part and linked.suffix == ".md":
+            assert part in anchors(linked.read_text()), f"{page.relative_to(ROOT)}: {target} names no heading"
+
 
 @pytest.mark.parametrize(
     "path",
