@@ -17,7 +17,7 @@ from tutorials.chapters import FOLDER, blocks, chapters, normalize, run_block, s
 TUTORIALS = chapters()
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
 SLOW = {"03_targets_and_injection.md", "04_data.md", "07_a_real_model_learns.md", "08_rank_and_alpha.md",
-        "09_qlora_nf4.md", "E_is_delta_w_low_rank.md"}
+        "09_qlora_nf4.md", "E_is_delta_w_low_rank.md", "G_qlora_in_depth.md"}
 # Chapters that launch torchrun run with the distributed tests.
 DISTRIBUTED = {"H_distributed.md"}
 
