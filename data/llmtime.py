@@ -1,7 +1,9 @@
-"""LLMTIME: numbers written as text, so a language model can forecast a time series by writing on.
+"""Numbers written as text, so a language model can forecast a time series by writing on.
 
-LLMTIME (Gruver et al., 2023, "Large Language Models Are Zero-Shot Time Series Forecasters")
-turns forecasting into next-token prediction in three steps:
+An adaptation of LLMTIME (Gruver et al., 2023, "Large Language Models Are Zero-Shot Time Series
+Forecasters"), which writes one variable at a time with a fixed number of digits, the decimal
+point dropped, the digits spaced and " ," between time steps ("8 0 , 7 3 , 6 6"). This module
+writes both populations of a step together and keeps the point, in three steps:
 
 1. scale each variable so its values are small numbers (a ``Scaler``, fitted on the context
    only, never on the part to be forecast);
