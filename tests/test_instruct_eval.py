@@ -1,4 +1,4 @@
-"""Exact-match evaluation of instruction tasks: scoring per kind, and bad input."""
+"""Exact-match evaluation of instruction tasks: scoring per kind, the two prompt templates, and bad input."""
 
 import pytest
 import torch
@@ -8,11 +8,13 @@ from data.instructions import save_instructions
 from data.lotka_volterra import create_dataset, save_dataset
 from data.template import format_prompt
 from eval import instruct
-from eval.instruct import answer, answers, exact_match, main
+from eval.instruct import answer, answers, exact_match, main, prompt_ids
 from models.loader import char_tokenizer, tiny_model
 
 TOKENIZER = char_tokenizer()
 TASKS = generate_tasks(16, seed=0)
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
 
 
 def answers_with(text_for):
@@ -54,6 +56,38 @@ def test_batched_greedy_answers_equal_one_prompt_at_a_time(name):
     assert len({len(format_prompt(task)) for task in TASKS[:6]}) > 1  # the batch was padded
 
 
+def test_the_default_prompt_is_the_training_template():
+    for task in TASKS[:4]:
+        assert prompt_ids(TOKENIZER, task) == TOKENIZER(format_prompt(task)).input_ids
+
+
+def test_the_chat_prompt_is_exactly_the_tokenizers_chat_template_of_one_user_message(monkeypatch):
+    tokenizer = char_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    with_input = next(task for task in TASKS if task["input"])
+    without_input = next(task for task in TASKS if not task["input"])
+    for task, content in ((with_input, f"{with_input['instruction']}\n\n{with_input['input']}"),
+                          (without_input, without_input["instruction"])):
+        expected = tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        assert prompt_ids(tokenizer, task, "chat") == expected["input_ids"]
+    given = []  # what answers() hands generate, left padding left out
+
+    def fake_generate(model, input_ids, max_new_tokens, attention_mask, **settings):
+        given.extend(ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask))
+        return torch.full((len(input_ids), 1), tokenizer.eos_token_id)
+
+    monkeypatch.setattr(instruct, "generate", fake_generate)
+    answers(tiny_model(), tokenizer, TASKS[:3], template="chat")
+    assert given == [prompt_ids(tokenizer, task, "chat") for task in TASKS[:3]]
+
+
+def test_a_chat_prompt_needs_a_chat_template_and_a_template_a_known_name():
+    with pytest.raises(ValueError, match="no chat template"):
+        prompt_ids(TOKENIZER, TASKS[0], "chat")
+    with pytest.raises(ValueError, match="unknown template 'chatml'"):
+        prompt_ids(TOKENIZER, TASKS[0], "chatml")
+
+
 def test_command_prints_a_table_per_kind(tmp_path, capsys):
     data = save_instructions(generate_tasks(40, seed=2), tmp_path / "tasks.jsonl")
     assert main(["--model", "tiny-llama", "--data", str(data), "--limit", "4", "--max-new-tokens", "4"]) == 0
@@ -65,6 +99,7 @@ def test_command_prints_a_table_per_kind(tmp_path, capsys):
     (["--adapter", "missing"], "missing/adapter_config.json: no such file"),
     (["--data", "missing.jsonl"], "missing.jsonl: no such data file; the instruct task takes Alpaca .json or .jsonl"),
     (["--data", "series.npz"], "series.npz: not a text file; instruction data is Alpaca .json or .jsonl"),
+    (["--template", "chat"], "template chat: the tokenizer has no chat template"),
 ])
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
