@@ -12,7 +12,7 @@ import jupytext
 import pytest
 
 from models import loader
-from tutorials.chapters import FOLDER, blocks, chapters, normalize, run_block, steps
+from tutorials.chapters import FENCE, FOLDER, blocks, chapters, normalize, run_block, steps
 
 TUTORIALS = chapters()
 # Chapters that load the embedded model or its tokenizer run with the slow tests.
@@ -20,6 +20,8 @@ SLOW = {"03_targets_and_injection.md", "04_data.md", "07_a_real_model_learns.md"
         "09_qlora_nf4.md", "E_is_delta_w_low_rank.md", "G_qlora_in_depth.md"}
 # Chapters that launch torchrun run with the distributed tests.
 DISTRIBUTED = {"H_distributed.md"}
+# What counts as a check in a block's code.
+ASSERTS = re.compile(r"\bassert\b|assert_close\(")
 
 
 def test_every_output_block_follows_a_python_block():
@@ -73,7 +75,7 @@ def test_chapter_ends_with_two_or_three_exercises_whose_folded_solutions_assert(
     assert len(folded) == exercises.count("<details>"), f"{path.name}: a <details> without <summary>Solution</summary>"
     for solution in folded:
         code = "".join(code for kind, code, _ in blocks(solution) if kind == "python")
-        assert re.search(r"\bassert\b|assert_close\(", code), f"{path.name}: a solution that asserts nothing"
+        assert ASSERTS.search(code), f"{path.name}: a solution that asserts nothing"
 
 # The main path's pages together; 16,000 words is the aim, this the line no page may push it past.
 MAIN_PATH_WORDS = 18_000
@@ -100,7 +102,7 @@ def test_asserts_and_checked_outputs_across_all_pages_do_not_fall():
     found = 0
     for path in TUTORIALS:
         for code, expected, _ in steps(path.read_text()):
-            found += len(re.findall(r"\bassert\b|assert_close\(", code)) + (expected is not None)
+            found += len(ASSERTS.findall(code)) + (expected is not None)
     assert found >= CHECKS, f"{found} checks, fewer than {CHECKS}: a moved section lost one"
 
 
@@ -116,14 +118,13 @@ def anchors(text: str) -> set[str]:
     """The anchors a Markdown page's headings get on GitHub: lower case, punctuation dropped, spaces to
     hyphens, a repeated one numbered."""
     seen, found = {}, set()
-    for heading in re.findall(r"^#{1,6} (.+)$", re.sub(FENCED, "", text), re.MULTILINE):
+    for heading in re.findall(r"^#{1,6} (.+)$", FENCE.sub("", text), re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
         seen[slug] = seen.get(slug, 0) + 1
     return found
 
 
-FENCED = re.compile(r"^```.*?^```$", re.MULTILINE | re.DOTALL)
 ROOT = FOLDER.parent
 PAGES = sorted(path for path in ROOT.glob("**/*.md") if not {".venv", ".git", ".pytest_cache"} & set(path.parts)
                and "egg-info" not in str(path))
@@ -133,7 +134,7 @@ PAGES = sorted(path for path in ROOT.glob("**/*.md") if not {".venv", ".git", ".
 def test_every_relative_link_resolves_to_a_file_and_its_heading(page):
     """README, the tutorials, the other READMEs and the results' pages: each ``[text](target)`` that is
     not a web address names a file that exists, and a ``#part`` names one of its headings."""
-    text = re.sub(r"`[^`\n]*`", "", re.sub(FENCED, "", page.read_text()))
+    text = re.sub(r"`[^`\n]*`", "", FENCE.sub("", page.read_text()))
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"[a-z]+:", target):
             continue
