@@ -20,10 +20,12 @@ measured for each alone, in a fresh process, over a few steps.
     python -m benchmarks.train_job --no-memory      # without the three extra processes
     python -m benchmarks.train_job --variants now,now-full-logits,now-eager-attention,now-compiled --no-memory
     python -m benchmarks.train_job --profile        # and where a step of now goes
+    python -m benchmarks.train_job --model tiny-llama --steps 2 --matmul-size 256 --no-memory  # a check in seconds
 
 Every variant runs in bf16 whatever the machine; where bf16 is not native
 (``models.precision.cpu_supports_bf16``) the comparison says little about what the loop, which
-then runs in fp32, would do there.
+then runs in fp32, would do there; and an emulated bf16 matmul is so slow there that measuring the
+2048 x 2048 one's rate takes minutes, which a smaller ``--matmul-size`` saves.
 """
 
 import argparse
@@ -143,6 +145,8 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS + ABLATIONS)} (%(default)s)")
     parser.add_argument("--profile", action="store_true", help="also print where a step of now goes")
+    parser.add_argument("--matmul-size", type=int, default=2048,
+                        help="side of the square bf16 matmul whose rate MFU is measured against (%(default)s)")
     parser.add_argument("--child-memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     config = TrainConfig(model=args.model)
@@ -160,13 +164,14 @@ def main(argv=None) -> int:
     built = {variant: build(variant, config) for variant in variants}
     reference = next(iter(built.values()))[0]
     count_flops = loop.flop_counter(reference, config.max_length)
-    rate = bf16_matmul_rate()
+    size = args.matmul_size
+    rate = bf16_matmul_rate(size, size, size)
     model_config = reference.config  # the model's own widest product: a step's tokens through its MLP
     tokens_per_step = config.batch_size * config.max_length
     shape_rate = bf16_matmul_rate(tokens_per_step, model_config.hidden_size, model_config.intermediate_size)
     print(f"{config.model}, the default job's first {args.steps} steps ({config.batch_size} x up to "
           f"{config.max_length} tokens, LoRA r={config.r} on {config.targets}) on {torch.get_num_threads()} CPU "
-          f"threads; bf16 2048 x 2048 matmul: {rate / 1e9:.0f} GFLOP/s; after {args.warmup} warm-up steps each, "
+          f"threads; bf16 {size} x {size} matmul: {rate / 1e9:.0f} GFLOP/s; after {args.warmup} warm-up steps each, "
           "a step of each variant in turn, each round starting with the next")
     for batch in batches[: args.warmup]:
         for variant, (_, step) in built.items():
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
               f"{ratio(variant, 'peft-bf16')} | {mfu:.0%} |" + (f" {peaks[variant]:.2f} |" if peaks else ""))
     print(f"the model's own MLP product ({tokens_per_step} x {model_config.hidden_size} @ {model_config.hidden_size} "
           f"x {model_config.intermediate_size}, bf16) runs at {shape_rate / 1e9:.0f} GFLOP/s here, "
-          f"{shape_rate / rate:.0%} of the 2048 x 2048 product's: the ceiling of MFU for this model's shapes")
+          f"{shape_rate / rate:.0%} of the {size} x {size} product's: the ceiling of MFU for this model's shapes")
     if set(VARIANTS) <= set(throughput):
         now, peft = throughput["now"], throughput["peft-bf16"]
         print(f"targets: tokens/s at least 1.2x peft's: {now / peft:.2f}x; at least 1.3x before: "
