@@ -26,12 +26,14 @@ def logits_and_grads(ours, theirs, ids):
     return ours_out.logits, theirs_out.logits
 
 
+@pytest.mark.parametrize("variant", ["lora", "rslora"])
 @pytest.mark.parametrize("targets", TARGET_SETS, ids=["q_v", "all_linear"])
-def test_logits_and_gradients_equal_peft(tiny, targets):
-    ours, theirs = lora_and_peft(tiny, targets)
+def test_logits_and_gradients_equal_peft(tiny, targets, variant):
+    ours, theirs = lora_and_peft(tiny, targets, use_rslora=variant == "rslora")
     ours_logits, theirs_logits = logits_and_grads(ours, theirs, token_batch(tiny))
     assert_close(ours_logits, theirs_logits, **EXACT)
     for mine, peft_layer in peft_lora(ours, theirs):
+        assert mine.scaling == peft_layer.scaling["default"]  # alpha / r, or alpha / sqrt(r) with rsLoRA
         assert_close(mine.lora_A.weight.grad, peft_layer.lora_A["default"].weight.grad, **EXACT)
         assert_close(mine.lora_B.weight.grad, peft_layer.lora_B["default"].weight.grad, **EXACT)
 
@@ -53,8 +55,10 @@ def test_parameters_equal_peft_after_adamw_steps(tiny):
         assert_close(mine.lora_B.weight, peft_layer.lora_B["default"].weight, **EXACT)
 
 
-def test_dropout_in_training_equals_peft_under_the_same_seed(tiny):
-    ours, theirs = lora_and_peft(tiny, dropout=0.1)
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_dropout_in_training_equals_peft_under_the_same_seed(tiny, variant):
+    # With DoRA, peft's dropout path: the DoRA terms see dropout(x), and W dropout(x) is computed anew.
+    ours, theirs = lora_and_peft(tiny, dropout=0.1, use_dora=variant == "dora")
     ours.train()
     theirs.train()
     ids = token_batch(tiny)

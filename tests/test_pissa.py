@@ -90,6 +90,7 @@ def test_a_b_and_residual_weight_equal_peft_pissa(tiny):
         assert_close(layer.base_layer.weight, peft_layer.base_layer.weight, **EXACT)
         if layer.base_layer.bias is not None:  # Qwen2's q and v projections: the bias is not PiSSA's to change
             assert_close(layer.base_layer.bias, tiny.get_submodule(name).bias, **EXACT)
+    assert {layer.init_lora_weights for _, layer in lora_layers(ours)} == {"pissa"}
 
 
 def test_adapter_takes_the_top_r_singular_values_and_the_residual_the_rest():
@@ -194,19 +195,6 @@ def test_conversion_refuses_adapters_of_different_layers_or_ranks():
 
 
 # --- Through inject_lora, save_adapter and load_adapter --------------------------------------------------------
-
-
-def test_inject_lora_init_pissa_equals_peft_pissa(tiny):
-    ours = copy.deepcopy(tiny)
-    inject_lora(ours, TARGETS, r=R, alpha=ALPHA, init="pissa")
-    theirs = peft_pissa_model(tiny)
-    inner = theirs.base_model.model
-    for name, layer in lora_layers(ours):
-        peft_layer = inner.get_submodule(name)
-        assert_close(layer.lora_A.weight, peft_layer.lora_A["default"].weight, **EXACT)
-        assert_close(layer.lora_B.weight, peft_layer.lora_B["default"].weight, **EXACT)
-        assert_close(layer.base_layer.weight, peft_layer.base_layer.weight, **EXACT)
-    assert {layer.init_lora_weights for _, layer in lora_layers(ours)} == {"pissa"}
 
 
 def test_pissa_adapter_saved_with_its_start_loads_on_the_unmodified_base_here_and_in_peft(tiny, tmp_path):
