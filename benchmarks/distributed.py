@@ -18,7 +18,7 @@ SmolLM2's shape (speed does not depend on the weights' values) with LoRA on q_pr
 Two processes on a 2-core machine share the same two cores that one process with two threads
 uses, so they cannot be faster here: what this machine shows is the cost of exchanging, not
 the gain of more hardware. With N GPUs, ``torchrun --nproc-per-node N`` gives each process its
-own device; see the GPU commands in README.md.
+own device; the launch commands are in tutorials/H_distributed.md.
 """
 
 import argparse

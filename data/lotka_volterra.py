@@ -15,7 +15,7 @@ or its step too coarse.
 
 The dataset has the shape of the source material, 1,000 systems of 100 time points, each system
 with its own (alpha, beta, delta, gamma) and starting point. It is split *by system* into
-train/validation/test, so the model is never trained on any part of a test system.
+train/validation/test (80/10/10), so the model is never trained on any part of a test system.
 
 Real counts are noisy. ``create_dataset(noise=0.05)`` observes each value with multiplicative
 log-normal noise, ``x * exp(0.05 z)`` with z ~ N(0, 1) drawn afresh for every value (about 5%

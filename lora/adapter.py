@@ -16,6 +16,11 @@ into a subfolder of its name, each a folder as above; ``load_adapter(..., adapte
 loads one under a name, ``load_adapters`` the whole folder.
 
 safetensors stores raw tensors, so loading an adapter never unpickles (never runs) anything.
+Loading checks every key and shape before changing the model, and names the tensor or config
+field that is wrong. Plain LoRA, rsLoRA, DoRA, PiSSA and embedding adapters load; options this
+library does not build (``rank_pattern``, ``modules_to_save``, trained biases, ``fan_in_fan_out``,
+inits such as ``olora`` or ``loftq`` that changed the base) are refused with the field named.
+One adapter holds one r, alpha and dropout, as peft's config does.
 """
 
 import json

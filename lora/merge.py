@@ -1,4 +1,10 @@
-"""Merging: fold ΔW = (alpha / r) * B @ A into the frozen weight, so inference costs nothing extra."""
+"""Merging: fold ΔW = (alpha / r) * B @ A into the frozen weight, so inference costs nothing extra.
+
+Merging is explicit, ``merge_lora`` or a layer's ``merge()``, never a side effect of ``.eval()``,
+and merging twice changes nothing. A merged layer skips dropout, so merge for inference, not for
+training. ``merge_and_unload`` keeps the active adapter and drops the others, as peft does
+(``lora/named.py``).
+"""
 
 from torch import nn
 

@@ -1,5 +1,5 @@
-"""Every command the README and the tutorials name exists, with every flag they give it: prose cannot
-drift from the code any more than the chapters' outputs can.
+"""Every command the READMEs and the tutorials name exists, with every flag they give it: prose cannot
+drift from the code any more than the chapters' outputs can. And README.md stays a page of essentials.
 
 A command is ``python -m MODULE ...`` or ``torchrun ... -m MODULE ...`` in a code span or in a shell
 block (a fenced block without a language); its flags must appear in ``python -m MODULE --help``
@@ -23,7 +23,8 @@ import pytest
 from tutorials.chapters import blocks, chapters
 
 ROOT = Path(__file__).parent.parent
-PAGES = [ROOT / "README.md", ROOT / "tutorials" / "README.md", *chapters()]
+PAGES = [ROOT / "README.md", ROOT / "tutorials" / "README.md", ROOT / "results" / "README.md",
+         ROOT / "benchmarks" / "README.md", ROOT / "tests" / "README.md", *chapters()]
 FLAG = re.compile(r"^--[a-z][a-z0-9-]*")
 
 
@@ -103,3 +104,10 @@ def test_every_command_and_flag_a_page_names_is_in_its_help(page):
     written = " ".join(line for line in shell_lines(text) if not line.startswith("--"))
     for flag in lone_flags(text):
         assert re.search(rf"{flag}(?![\w-])", offered + written), f"{where}: {flag} is in no command the page names"
+
+
+def test_readme_is_at_most_200_lines():
+    lines = len((ROOT / "README.md").read_text().splitlines())
+    assert lines <= 200, (f"README.md has {lines} lines, more than 200: move measurements to results/README.md "
+                          "or benchmarks/README.md, test details to tests/README.md, and a module's API to its "
+                          "docstring, leaving a link")
