@@ -1,11 +1,4 @@
-"""Putting LoRA into a model: wrap the targeted layers (``lora/targets.py`` finds them), freeze everything else.
-
-``inject_lora`` adapts ``nn.Linear`` layers (and the 4-bit ``NF4Linear``) and ``nn.Embedding``;
-a target of another type is a ``TypeError`` naming it. GPT-2's ``Conv1D`` (``c_attn``), for
-instance, stores its weight transposed; peft handles it with ``fan_in_fan_out=True``, which this
-library leaves out to keep the layer's forward one readable line. ``disable_lora`` runs a block
-as the base model; ``lora_layers`` and ``adapted_modules`` find what was injected.
-"""
+"""Putting LoRA into a model: wrap the targeted layers (``lora/targets.py`` finds them), freeze everything else."""
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager

@@ -3,6 +3,10 @@
 Module names are paths through the model, as ``model.named_modules()`` lists them. In the
 Llama and Qwen2 families the attention projections of layer N are called
 ``model.layers.N.self_attn.q_proj`` (and ``k_proj``, ``v_proj``, ``o_proj``).
+
+A target must be an ``nn.Linear`` (or the 4-bit ``NF4Linear``) or an ``nn.Embedding``. GPT-2's
+``Conv1D`` (``c_attn``) stores its weight transposed; peft adapts it with ``fan_in_fan_out=True``,
+which this library leaves out to keep the layer's forward one readable line.
 """
 
 import re

@@ -11,6 +11,19 @@ from models.loader import load_model, tiny_model
 
 TINY_MODELS = ("tiny-qwen2", "tiny-llama")
 
+# The core tier, ``python -m pytest -m core``: the LoRA layer, injection, merging, adapter files, the
+# equivalence with peft, NF4 and the data, in about a minute; the tests to run while changing code. A test
+# of these files that loads the embedded model (slow) or launches torchrun (distributed) stays out of it.
+CORE = {"test_layer.py", "test_inject.py", "test_merge.py", "test_adapter.py", "test_peft_equivalence.py",
+        "test_nf4.py", "test_lotka_volterra.py", "test_llmtime.py", "test_sequences.py", "test_collate.py",
+        "test_tasks.py", "test_instructions.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in CORE and not {"slow", "distributed"} & {mark.name for mark in item.iter_markers()}:
+            item.add_marker(pytest.mark.core)
+
 
 @pytest.fixture(params=TINY_MODELS)
 def tiny(request):
