@@ -16,17 +16,19 @@ on the embedded model and the instruct task, in four parts:
     python -m experiments.delta_w                        # about 3 min on 2 quiet CPU cores (24 on busy ones)
     python -m experiments.delta_w --steps 10 --lora-steps 5 --model tiny-llama --out /tmp/delta_w
 
-writes ``delta_w.md``, ``spectra.png``, ``energy.png`` and ``subspace_similarity.png`` into
-``--out``. The LoRA run folders go to ``--runs-folder``, a temporary folder by default.
+writes ``delta_w.md``, ``spectra.png``, ``energy.png``, ``subspace_similarity.png`` and
+``delta_w.json`` (the numbers) into ``--out``. The LoRA run folders go to ``--runs-folder``, a
+temporary folder by default.
 
-The arithmetic is small pure functions (``singular_spectrum``, ``energy``,
-``eckart_young_error``, ``subspace_similarity``, ``amplification_factor``, ...) that the
-tests and the tutorial (``tutorials/E_is_delta_w_low_rank.md``) call directly.
+The measurements are the small pure functions of ``experiments/spectrum.py``
+(``singular_spectrum``, ``energy``, ``eckart_young_error``, ``subspace_similarity``,
+``amplification_factor``, ...), and the full fine-tune is ``experiments/full_finetune.py``; the
+tests and the tutorial (``tutorials/E_is_delta_w_low_rank.md``) call them directly. This module
+runs them and writes what they find.
 """
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -36,241 +38,24 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
-from tqdm import tqdm
 
-from data.collate import PadCollator
-from data.sequences import pad_token_id
 from data.tasks import build_task
-from eval.perplexity import summed_nll
 from eval.provenance import provenance, rerun_command
-from lora import LoRALinear, cast_frozen
+from experiments.full_finetune import KINDS, FullFineTune, full_finetune
+from experiments.spectrum import (amplification_row, eckart_young_error, energy, gaussian_like, rank_for_energy,
+                                  singular_spectrum, subspace_similarity)
 from lora.adapter import CONFIG_NAME, WEIGHTS_NAME, adapter_key, read_adapter_config
-from lora.targets import find_targets
 from models.loader import EMBEDDED, load_model
-from models.precision import choose_precision
 from training.config import TrainConfig
-from training.loop import accumulate_gradients, step_plan, train, validation_examples
-from training.schedule import get_lr
+from training.loop import train
 
 
-KINDS = ("q_proj", "v_proj")  # the LoRA paper's choice of targets, and the training loop's default
 ENERGY = 0.9  # the report's "rank that holds 90% of ΔW's energy"
 
 
 # ---------------------------------------------------------------------------------------------
-# The arithmetic: pure functions of tensors.
+# The pieces: LoRA's A and B read back from disk, module names, medians.
 # ---------------------------------------------------------------------------------------------
-
-
-def singular_spectrum(matrix: torch.Tensor) -> torch.Tensor:
-    """The singular values σ_1 >= σ_2 >= ... >= 0 of ``matrix`` (out, in), shape (min(out, in),), in float64.
-
-    float64 because the small singular values are the point: in float32 they drown in the
-    rounding of the large ones sooner.
-    """
-    return torch.linalg.svdvals(matrix.double())
-
-
-def energy(sigma: torch.Tensor) -> torch.Tensor:
-    """Cumulative energy: entry k-1 is ``sum_{i<=k} σ_i² / sum_i σ_i²``, the fraction of ||ΔW||_F² in the top k.
-
-    Shape (len(sigma),); it rises to 1 at the last entry. ``sigma`` sorted descending
-    (``singular_spectrum``'s order).
-    """
-    squares = sigma.double() ** 2
-    return torch.cumsum(squares, 0) / squares.sum()
-
-
-def rank_for_energy(sigma: torch.Tensor, fraction: float = ENERGY) -> int:
-    """The smallest k whose top k singular values hold at least ``fraction`` of the energy."""
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    # A hair of tolerance: the last entry of energy() is 1 up to rounding, and must count as >= 1.
-    return int((energy(sigma) < fraction - 1e-12).sum()) + 1
-
-
-def eckart_young_error(sigma: torch.Tensor, r: int) -> float:
-    """The relative error of the best rank-r approximation, from the singular values alone.
-
-    Eckart-Young: the best rank-r approximation of M in the Frobenius norm is its truncated SVD
-    M_r = U_r diag(σ_1..σ_r) V_rᵀ, and what it misses is the rest of the spectrum::
-
-        ||M - M_r||_F / ||M||_F = sqrt(sum_{i>r} σ_i²) / sqrt(sum_i σ_i²)
-    """
-    squares = sigma.double() ** 2
-    return math.sqrt(float(squares[r:].sum() / squares.sum()))
-
-
-def low_rank_approximation(matrix: torch.Tensor, r: int) -> torch.Tensor:
-    """M_r = U_r diag(σ_1..σ_r) V_rᵀ, the best rank-r approximation of ``matrix`` (out, in); float64."""
-    U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
-
-
-def gaussian_like(matrix: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """A random N(0, 1) matrix of ``matrix``'s shape: the reference with no structure at all.
-
-    Its spectrum follows the Marchenko-Pastur law: it falls slowly, so a Gaussian (out, in)
-    matrix needs a large share of its min(out, in) directions for 90% of its energy.
-    """
-    return torch.randn(matrix.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def right_singular_vectors(A: torch.Tensor) -> torch.Tensor:
-    """U_A, the right-singular vectors of LoRA's A (r, in) as columns: shape (in, r), most important first.
-
-    A maps the input to r numbers, so the directions it reads live in input space: these.
-    """
-    _, _, Vh = torch.linalg.svd(A.double(), full_matrices=False)
-    return Vh.T
-
-
-def subspace_similarity(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
-    """The LoRA paper's normalised subspace similarity (§7.2, eq. 4) of two A matrices, as a table.
-
-    With U_1 (in, r1) and U_2 (in, r2) the right-singular vectors of A1 (r1, in) and A2 (r2, in),
-    and U^i the first i columns::
-
-        φ(A1, A2, i, j) = ||U_1^iᵀ U_2^j||_F² / min(i, j)
-
-    Returned as a (r1, r2) tensor, entry [i-1, j-1] = φ(A1, A2, i, j). It lies in [0, 1]: 1 when
-    the smaller of the two subspaces lies in the larger, 0 when they are orthogonal. Two random
-    subspaces of an n-dimensional space give about max(i, j) / n.
-    """
-    if A1.shape[1] != A2.shape[1]:
-        raise ValueError(f"A1 {tuple(A1.shape)} and A2 {tuple(A2.shape)} read different input sizes; "
-                         "compare the A matrices of the same module")
-    U1, U2 = right_singular_vectors(A1), right_singular_vectors(A2)
-    overlaps = (U1.T @ U2) ** 2  # (r1, r2): squared cosines between single directions
-    # ||U_1^iᵀ U_2^j||_F² sums the top-left i x j block; a 2-D cumulative sum gives every block at once.
-    blocks = overlaps.cumsum(0).cumsum(1)
-    i = torch.arange(1, U1.shape[1] + 1, dtype=torch.float64)
-    j = torch.arange(1, U2.shape[1] + 1, dtype=torch.float64)
-    return blocks / torch.minimum(i[:, None], j[None, :])
-
-
-def top_singular_vectors(matrix: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(U, V)``: the top-r left (out, r) and right (in, r) singular vectors of ``matrix`` (out, in); float64."""
-    U, _, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
-    return U[:, :r], Vh[:r].T
-
-
-def random_orthonormal(n: int, r: int, seed: int = 0) -> torch.Tensor:
-    """r random orthonormal columns in n dimensions, shape (n, r): the Q of a Gaussian matrix's QR."""
-    Q, _ = torch.linalg.qr(torch.randn(n, r, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
-    return Q
-
-
-def projection_norm(weight: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> float:
-    """||Uᵀ W V||_F: how much of W (out, in) lies in the directions U (out, r), V (in, r). (r, r) inside."""
-    return float(torch.linalg.matrix_norm(U.T @ weight.double() @ V))
-
-
-def amplification_factor(delta: torch.Tensor, weight: torch.Tensor, r: int) -> float:
-    """The LoRA paper's amplification factor (§7.3): ``||ΔW||_F / ||Uᵀ W V||_F``.
-
-    U (out, r) and V (in, r) are the top-r left and right singular vectors of ΔW (out, in), so
-    Uᵀ W V (r, r) is the part of the pretrained W (out, in) that lies in ΔW's own directions.
-    (The paper writes ``UᵀWVᵀ``, its V being our Vᵀ.) A large factor: ΔW strongly amplifies
-    directions that W holds only weakly. A ΔW made of W's own top-r part gives exactly 1.
-    """
-    U, V = top_singular_vectors(delta, r)
-    return float(torch.linalg.matrix_norm(delta.double())) / projection_norm(weight, U, V)
-
-
-def amplification_row(delta: torch.Tensor, weight: torch.Tensor, r: int, seed: int = 0) -> dict:
-    """Table 7 of the paper for one module: ||Uᵀ W V||_F for U, V from ΔW, from W itself, and random; the norms."""
-    U_delta, V_delta = top_singular_vectors(delta, r)
-    U_w, V_w = top_singular_vectors(weight, r)
-    out, inputs = weight.shape
-    return {
-        "projection_delta": projection_norm(weight, U_delta, V_delta),
-        "projection_w": projection_norm(weight, U_w, V_w),
-        "projection_random": projection_norm(weight, random_orthonormal(out, r, seed),
-                                             random_orthonormal(inputs, r, seed + 1)),
-        "w_norm": float(torch.linalg.matrix_norm(weight.double())),
-        "delta_norm": float(torch.linalg.matrix_norm(delta.double())),
-        "amplification": amplification_factor(delta, weight, r),
-    }
-
-
-def full_rank_lora(base: nn.Linear, delta: torch.Tensor, alpha: float = 16.0) -> LoRALinear:
-    """A LoRALinear on ``base`` at r = min(out, in) whose (alpha / r)·B·A equals ``delta`` (out, in).
-
-    From the SVD ΔW = U diag(S) Vᵀ: A = sqrt(S) Vᵀ (r, in), B = U sqrt(S) · r / alpha (out, r).
-    Any matrix has such a factorisation, so LoRA at full rank can express whatever full
-    fine-tuning can; the bet is that a much smaller r suffices.
-    """
-    r = min(delta.shape)
-    layer = LoRALinear(base, r=r, alpha=alpha, dtype=torch.float64)
-    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    with torch.no_grad():
-        layer.lora_A.weight.copy_(S.sqrt()[:, None] * Vh)
-        layer.lora_B.weight.copy_(U * S.sqrt() / layer.scaling)
-    return layer
-
-
-# ---------------------------------------------------------------------------------------------
-# The experiment: full fine-tuning of q and v, LoRA's A and B read back from disk.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FullFineTune:
-    """What ``full_finetune`` leaves: W0 and ΔW = W_after - W0 per module name (float32, on the CPU)."""
-
-    weights: dict[str, torch.Tensor]
-    deltas: dict[str, torch.Tensor]
-    val_loss_start: float
-    val_loss_end: float
-    seconds: float
-
-
-def full_finetune(model, data, tokenizer, steps: int, lr: float = 1e-4, kinds=KINDS, batch_size: int = 2,
-                  seed: int = 0, warmup_steps: int = 10, eval_examples: int = 16) -> FullFineTune:
-    """Fully fine-tune the weights of the ``kinds`` Linear modules of ``model`` (loaded in fp32); freeze the rest.
-
-    The pieces are the training loop's (``training/loop.py``): its batch plan, its token-weighted
-    gradient accumulation, its warm-up and cosine schedule (down to lr / 10), gradient clipping
-    at 1 and bf16 autocast where the CPU has it. What differs is what trains: whole weights,
-    held in fp32 (``cast_frozen`` rounds only the frozen rest to the compute dtype), as AdamW's
-    small steps need. ``model`` is changed in place.
-    """
-    start = time.perf_counter()
-    torch.manual_seed(seed)
-    precision = choose_precision("auto", torch.device("cpu"))
-    names = find_targets(model, list(kinds))
-    modules = {name: model.get_submodule(name) for name in names}
-    model.requires_grad_(False)
-    for module in modules.values():
-        module.weight.requires_grad_(True)
-    weights = {name: module.weight.detach().float().clone() for name, module in modules.items()}
-    cast_frozen(model, precision.base_dtype)
-    model.config.use_cache = False
-    pad_id = pad_token_id(tokenizer)
-    held_out = validation_examples(data.validation, eval_examples)
-    val_loss_start = summed_nll(model, held_out, pad_id, batch_size, precision)
-    trainable = [module.weight for module in modules.values()]
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)  # decay would pull W toward 0, not W0
-    scaler = torch.amp.GradScaler("cpu", enabled=False)  # bf16 and fp32 need no loss scaling
-    collate = PadCollator(pad_id)
-    plan = step_plan([len(example["input_ids"]) for example in data.train], batch_size, 1, seed)
-    model.train()
-    for step in tqdm(range(steps), desc="full fine-tuning", dynamic_ncols=True):
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, lr, lr / 10, min(warmup_steps, steps // 10), steps)
-        micro_batches = [collate([data.train[i] for i in indices]) for _, indices in plan(step)]
-        loss = accumulate_gradients(model, micro_batches, precision, scaler)
-        if not math.isfinite(loss):
-            raise RuntimeError(f"the loss is {loss} at step {step + 1}; lower --lr and try again")
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    val_loss_end = summed_nll(model, held_out, pad_id, batch_size, precision)
-    deltas = {name: modules[name].weight.detach().float() - weights[name] for name in names}
-    return FullFineTune(weights, deltas, val_loss_start[0] / val_loss_start[1], val_loss_end[0] / val_loss_end[1],
-                        time.perf_counter() - start)
 
 
 def adapter_factors(folder: str | Path, names: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -328,7 +113,7 @@ def spectrum_rows(fine_tune: FullFineTune, r: int) -> list[dict]:
     for index, (name, delta) in enumerate(fine_tune.deltas.items()):
         sigma, reference = singular_spectrum(delta), singular_spectrum(gaussian_like(delta, seed=index))
         rows.append({"name": name, "kind": kind_of(name), "layer": layer_of(name), "shape": list(delta.shape),
-                     "rank90": rank_for_energy(sigma), "rank90_random": rank_for_energy(reference),
+                     "rank90": rank_for_energy(sigma, ENERGY), "rank90_random": rank_for_energy(reference, ENERGY),
                      "error_r": eckart_young_error(sigma, r), "error_r_random": eckart_young_error(reference, r),
                      "energy_r": float(energy(sigma)[r - 1]), "energy_r_random": float(energy(reference)[r - 1])})
     return rows
