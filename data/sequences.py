@@ -67,19 +67,20 @@ def process_sequences(
         raise ValueError("texts must be a non-empty list of strings")
     pad = pad_token_id(tokenizer)
 
-    input_ids, attention_mask, labels = [], [], []
+    input_ids, attention_mask = [], []
     for index, text in enumerate(texts):
-        ids = tokenizer(text, add_special_tokens=False).input_ids
-        if not ids:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long)
+        if len(ids) == 0:
             raise ValueError(f"texts[{index}] is empty; there is nothing to train on")
-        for start in window_starts(len(ids), max_length, stride):
-            window = ids[start : start + max_length]
-            padding = max_length - len(window)
-            input_ids.append(window + [pad] * padding)
-            attention_mask.append([1] * len(window) + [0] * padding)
-            labels.append(window + [IGNORE_INDEX] * padding)
+        # Pad the text to the end of its last window, then cut every window at once: unfold's windows
+        # start at 0, stride, 2·stride, ..., the same starts as window_starts.
+        end = window_starts(len(ids), max_length, stride)[-1] + max_length
+        real = torch.arange(end) < len(ids)
+        input_ids.append(torch.full((end,), pad).masked_scatter(real, ids).unfold(0, max_length, stride))
+        attention_mask.append(real.long().unfold(0, max_length, stride))
+    input_ids, attention_mask = torch.cat(input_ids), torch.cat(attention_mask)
     return {
-        "input_ids": torch.tensor(input_ids),
-        "attention_mask": torch.tensor(attention_mask),
-        "labels": torch.tensor(labels),
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX),
     }

@@ -88,7 +88,8 @@ def series_texts(series: np.ndarray, decimals: int = 2) -> list[str]:
 def windows(texts: list[str], tokenizer, max_length: int, stride: int) -> list[dict]:
     """``process_sequences`` split into one example per window."""
     batch = process_sequences(texts, tokenizer, max_length=max_length, stride=stride)
-    return [{key: batch[key][i] for key in batch} for i in range(len(batch["input_ids"]))]
+    rows = {key: tensor.unbind() for key, tensor in batch.items()}
+    return [dict(zip(rows, example)) for example in zip(*rows.values())]
 
 
 def build_task(config, tokenizer) -> TaskData:
