@@ -151,7 +151,7 @@ def shape_of(config: PretrainedConfig) -> Shape:
         raise ValueError(f"{type(config).__name__} has no {', '.join(missing)}; FLOPs are counted for "
                          "Llama/Qwen2-style decoders (q/k/v/o projections, SwiGLU MLP)")
     heads = config.num_attention_heads
-    # Older configs leave these out: then K/V have as many heads as Q, and heads split the hidden size.
+    # A config may leave these out: then K/V have as many heads as Q, and heads split the hidden size.
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return Shape(config.hidden_size, config.intermediate_size, config.num_hidden_layers, heads, kv_heads,

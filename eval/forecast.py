@@ -49,7 +49,7 @@ from data.sequences import pad_token_id
 from data.tasks import series_dataset
 from eval.baselines import autoregression, linear_extrapolation, persistence, physics_fit
 from eval.cli import add_model_arguments, held_dtype, load_model_and_adapter
-from eval.generate import generate, left_pad
+from eval.generate import Sampling, StopOnText, generate, left_pad
 from eval.provenance import provenance, rerun_command
 from lora import disable_lora
 
@@ -104,9 +104,10 @@ def model_forecasts(model, tokenizer, contexts: Sequence[np.ndarray], horizon: i
     max_new_tokens = horizon * (step_length + 2)
     rows = 1 if temperature == 0 else samples
     device = next(model.parameters()).device
-    new = generate(model, input_ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                   eos_token_id=tokenizer.eos_token_id, attention_mask=attention_mask.to(device),
-                   samples_per_prompt=rows, tokenizer=tokenizer, stop_when=partial(wrote_horizon, horizon=horizon))
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    done = StopOnText(tokenizer, stop_when=partial(wrote_horizon, horizon=horizon))
+    new = generate(model, input_ids.to(device), max_new_tokens, sampling=sampling, eos_token_id=tokenizer.eos_token_id,
+                   stop=done, attention_mask=attention_mask.to(device), samples_per_prompt=rows)
     texts = tokenizer.batch_decode(new, skip_special_tokens=True)
     forecasts = []
     for index, (context, scaler) in enumerate(zip(contexts, scalers)):

@@ -16,7 +16,8 @@ They apply in transformers' order: temperature, then top-k, then top-p. A filter
 logits of the tokens it removes to -inf, so softmax gives them probability exactly 0.
 
 The source material samples with temperature 0.7 and top-p 0.9, and so does the command below
-by default; ``generate`` itself defaults to greedy, which the tests compare with transformers.
+by default; ``generate`` itself defaults to greedy (``Sampling()``), which the tests compare with
+transformers.
 
 The KV cache: attention at a new position needs the keys and values of every earlier position.
 They do not change once computed, so the model keeps them (its ``cache``) and each step feeds
@@ -39,6 +40,7 @@ import inspect
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -202,30 +204,80 @@ def check_sampling(temperature, top_k, top_p) -> None:
     check_top_p(top_p)
 
 
-def check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings=(), tokenizer=None,
-                     samples_per_prompt=1, stop_when=None) -> None:
-    """Every check ``generate`` makes before running the model (the command makes them before loading it)."""
+# --- Settings: how a token is picked, which text ends a row --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How ``generate`` picks each next token (``sample_next_token``); ``Sampling()``, or ``GREEDY``, is the argmax.
+
+    The source material samples with ``Sampling(temperature=0.7, top_p=0.9)``. Greedy is the
+    default because it is deterministic: the tests compare it with transformers token for token.
+
+    Raises:
+        ValueError: temperature < 0, top_k < 0 or top_p outside (0, 1], naming the setting.
+    """
+
+    temperature: float = 0.0  # 0 is greedy (argmax; the other settings are then unused); else the divisor
+    top_k: int = 0  # sample among the k most probable tokens only; 0 keeps all
+    top_p: float = 1.0  # sample among the smallest set of tokens of total probability >= top_p; 1.0 keeps all
+    seed: int | None = None  # the same seed and prompts give the same tokens; None: torch's global generator
+
+    def __post_init__(self):
+        check_sampling(self.temperature, self.top_k, self.top_p)
+
+
+GREEDY = Sampling()
+
+
+@dataclass(frozen=True)
+class StopOnText:
+    """What in a row's new text ends the row: one of ``stop_strings`` appears in it, or ``stop_when`` is true of it.
+
+    Both read the text ``tokenizer`` decodes from the row's new tokens, once a step, so they cost
+    a decode per live row per step; the EOS token (``generate``'s ``eos_token_id``) ends a row
+    without one. The token that meets the condition is kept.
+
+    Raises:
+        ValueError: ``stop_strings`` is one string, not a list; or a condition is given without a tokenizer.
+    """
+
+    tokenizer: object = None  # decodes each row's new tokens into the text the conditions read
+    stop_strings: Sequence[str] = ()  # texts that end a row when they appear in its new text
+    stop_when: Callable[[str], bool] | None = None  # a test on a row's new text, e.g. "holds 10 ';'"
+
+    def __post_init__(self):
+        if isinstance(self.stop_strings, str):
+            raise ValueError(f"stop_strings must be a list of strings, got the string {self.stop_strings!r}; "
+                             "wrap it: [...]")
+        if self.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer, to decode the new tokens; pass tokenizer=...")
+        if self.stop_when is not None and self.tokenizer is None:
+            raise ValueError("stop_when needs the tokenizer, to decode the new tokens; pass tokenizer=...")
+
+    def met(self, text: str) -> bool:
+        """Whether a row whose new text is ``text`` is finished."""
+        return any(stop in text for stop in self.stop_strings) or (self.stop_when is not None and self.stop_when(text))
+
+
+def check_generation(max_new_tokens, samples_per_prompt=1, sampling=None) -> None:
+    """The checks ``generate`` makes of its own arguments (``Sampling`` and ``StopOnText`` check theirs when made)."""
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise TypeError(f"sampling must be a Sampling, got {sampling!r}; write Sampling(temperature=..., top_p=...)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if isinstance(samples_per_prompt, bool) or not isinstance(samples_per_prompt, int) or samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
-    check_sampling(temperature, top_k, top_p)
-    if isinstance(stop_strings, str):
-        raise ValueError(f"stop_strings must be a list of strings, got the string {stop_strings!r}; wrap it: [...]")
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need the tokenizer, to decode the new tokens; pass tokenizer=...")
-    if stop_when is not None and tokenizer is None:
-        raise ValueError("stop_when needs the tokenizer, to decode the new tokens; pass tokenizer=...")
 
 
 # --- The generation loop -------------------------------------------------------------------------------------------
 
 
 def cache_argument(model) -> str:
-    """The name under which ``model`` takes and returns its KV cache: ``cache``, or ``past_key_values`` before.
+    """The name under which ``model`` takes and returns its KV cache: ``cache`` or ``past_key_values``.
 
-    A recent transformers 5 release renamed ``past_key_values`` to ``cache`` (5.24, installed here,
-    warns about the old name, which goes in 5.40); the project accepts any 5.x, so ask the model.
+    transformers 5 releases differ in this name, and one that says ``cache`` warns when given
+    ``past_key_values``; the project accepts any 5.x, so the model's own signature decides.
     """
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -291,16 +343,11 @@ def generate(
     model,
     input_ids: torch.Tensor,
     max_new_tokens: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    sampling: Sampling = GREEDY,
     eos_token_id: int | None = None,
-    stop_strings: Sequence[str] = (),
-    tokenizer=None,
-    seed: int | None = None,
+    stop: StopOnText | None = None,
     attention_mask: torch.Tensor | None = None,
     samples_per_prompt: int = 1,
-    stop_when: Callable[[str], bool] | None = None,
     adapter_names: Sequence[str] | None = None,
 ) -> torch.Tensor:
     """Continue each row of ``input_ids`` ``samples_per_prompt`` times; return the new token ids.
@@ -311,45 +358,43 @@ def generate(
     Rows are prompts; prompts of different lengths are left-padded (``left_pad``) and given their
     ``attention_mask``. K samples of one prompt are ``samples_per_prompt=K``: the prompt is
     computed once and its KV cache copied to the K rows, not computed K times. A row is
-    finished once it produces ``eos_token_id`` (which is kept), or its decoded new text contains
-    one of ``stop_strings`` or makes ``stop_when`` true (the token that did it is kept); after
-    that its positions hold the EOS id (the tokenizer's pad id when there is no EOS id), so the
-    result is rectangular. A finished row leaves the batch, and generation stops when every
-    row is finished.
+    finished once it produces ``eos_token_id`` (which is kept), or its decoded new text meets
+    ``stop`` (the token that did it is kept); after that its positions hold the EOS id (the
+    tokenizer's pad id when there is no EOS id), so the result is rectangular. A finished row
+    leaves the batch, and generation stops when every row is finished.
+
+    Greedy with EOS is the common call: ``generate(model, ids, 40, eos_token_id=tokenizer.eos_token_id)``;
+    sampled, ``generate(model, ids, 40, sampling=Sampling(temperature=0.7, top_p=0.9, seed=0), ...)``.
 
     Args:
         model: a transformers causal LM; in eval mode while generating (no dropout), its own mode after.
         input_ids: the prompts, ``(batch, prompt)``.
         max_new_tokens: the most tokens to add to each row.
-        temperature, top_k, top_p: as in ``sample_next_token``; the default, temperature 0, is greedy.
-            The source material samples with temperature 0.7 and top_p 0.9.
+        sampling: how each token is picked (temperature, top-k, top-p, seed); the default is greedy.
         eos_token_id: the token that ends a row (``tokenizer.eos_token_id``); None: rows end only
-            at a stop condition or after ``max_new_tokens``.
-        stop_strings: texts that end a row when they appear in its new text.
-        tokenizer: decodes the new tokens for ``stop_strings`` and ``stop_when``; not needed otherwise.
-        seed: seeds the sampling, so the same seed and prompts give the same tokens; None uses torch's
-            global generator.
+            at a ``stop`` condition or after ``max_new_tokens``.
+        stop: stop strings and a ``stop_when`` test on each row's new text, with the tokenizer that
+            decodes it; None: no text ends a row.
         attention_mask: ``(batch, prompt)``, 0 on left padding; None when there is none.
         samples_per_prompt: rows generated from each prompt (K samples); 1 by default.
-        stop_when: a test on a row's new text that ends the row when true, e.g. "holds 10 ';'".
         adapter_names: one named adapter per prompt (``lora/named.py``; ``"__base__"``: none), each
             row generated with its own in one mixed batch (``lora/mixed.py``); None: the active adapter.
 
     Raises:
-        ValueError: max_new_tokens < 1, temperature < 0, top_k < 0, top_p outside (0, 1],
-            samples_per_prompt < 1, or stop_strings or stop_when without a tokenizer.
+        ValueError: max_new_tokens < 1 or samples_per_prompt < 1 (``Sampling`` and ``StopOnText``
+            raise on their own settings when they are made).
+        TypeError: ``sampling`` is not a ``Sampling`` (a bare temperature, say).
     """
-    check_generation(max_new_tokens, temperature, top_k, top_p, stop_strings, tokenizer, samples_per_prompt,
-                     stop_when)
+    check_generation(max_new_tokens, samples_per_prompt, sampling)
     # No dropout while generating (the caller's train/eval mode comes back after); with adapter_names,
     # every row through its own adapter (``row_adapters`` follows the rows the loop repeats and drops).
     mixing = mixed_batch(model, adapter_names) if adapter_names is not None else nullcontext()
     with eval_mode(model), mixing as row_adapters:
-        generator = torch.Generator(input_ids.device).manual_seed(seed) if seed is not None else None
-        stops = bool(stop_strings) or stop_when is not None
+        generator = None if sampling.seed is None else torch.Generator(input_ids.device).manual_seed(sampling.seed)
+        stops = stop is not None and (bool(stop.stop_strings) or stop.stop_when is not None)
         # After a row finishes, its positions hold the EOS id; with stop conditions alone, the tokenizer's pad id.
         # (Without either no row finishes early, and every position is written.)
-        fill_id = eos_token_id if eos_token_id is not None else pad_token_id(tokenizer) if stops else 0
+        fill_id = eos_token_id if eos_token_id is not None else pad_token_id(stop.tokenizer) if stops else 0
 
         # 1. Prefill, once per distinct prompt: one forward over the prompts puts the keys and values
         #    of every prompt position in the cache and gives the distribution of the first new token.
@@ -370,17 +415,16 @@ def generate(
         live = torch.arange(rows, device=input_ids.device)  # the rows still written; cache and logits hold these only
         for step in range(max_new_tokens):
             # 3. Pick each live row's next token.
-            next_ids = sample_next_token(logits, temperature, top_k, top_p, generator)
+            next_ids = sample_next_token(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
             new_tokens[live, step] = next_ids
 
             # 4. A row is finished at EOS, or when its new text meets a stop condition.
             finished = next_ids == eos_token_id if eos_token_id is not None else torch.zeros_like(next_ids, dtype=bool)
             if stops:
                 candidates = (~finished).nonzero().flatten()
-                texts = tokenizer.batch_decode(new_tokens[live[candidates], : step + 1])
+                texts = stop.tokenizer.batch_decode(new_tokens[live[candidates], : step + 1])
                 for index, text in zip(candidates.tolist(), texts):
-                    met = any(stop in text for stop in stop_strings) or (stop_when is not None and stop_when(text))
-                    finished[index] = met
+                    finished[index] = stop.met(text)
 
             # 5. A finished row leaves the batch (its cache rows too): its tokens are written, and the
             #    model no longer runs on it. Rows never attend to each other, so the others go on as before.
@@ -430,11 +474,15 @@ def complete_all(model, tokenizer, prompts: Sequence[str], args: argparse.Namesp
         texts = [format_prompt(tokenizer, prompt) for prompt in prompts[start : start + args.batch_size]]
         ids = [tokenizer(text, add_special_tokens=not has_template).input_ids for text in texts]
         input_ids, attention_mask = left_pad(ids, pad_token_id(tokenizer))
-        new = generate(model, input_ids.to(model.device), args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, seed=args.seed,
-                       attention_mask=attention_mask.to(model.device))
+        new = generate(model, input_ids.to(model.device), args.max_new_tokens, sampling=command_sampling(args),
+                       eos_token_id=tokenizer.eos_token_id, attention_mask=attention_mask.to(model.device))
         answers += [answer.strip() for answer in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return answers
+
+
+def command_sampling(args: argparse.Namespace) -> Sampling:
+    """The command's ``--temperature``, ``--top-k``, ``--top-p`` and ``--seed`` as one ``Sampling`` (checked)."""
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed)
 
 
 def complete(model, tokenizer, prompt: str, args: argparse.Namespace) -> str:
@@ -467,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)  # an unknown flag: argparse prints one line and exits with status 2
     try:
-        check_generation(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        check_generation(args.max_new_tokens)
+        command_sampling(args)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
         # 1. The base model, then the adapter (LoRA injected and loaded) when one is given.

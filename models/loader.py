@@ -106,9 +106,9 @@ def embedded_model_file() -> Path:
 def dequantized() -> dict:
     """``from_pretrained``'s argument asking for a GGUF file's weights unpacked into ``nn.Linear`` tensors.
 
-    Recent transformers releases can keep them packed in GGUF blocks (with the ``kernels``
-    package), and otherwise warn, at any dtype but fp32, about a packed path they do not take.
-    LoRA wraps ``nn.Linear`` layers, so ask for them; older releases always unpack.
+    A transformers that has ``GgufConfig`` can keep them packed in GGUF blocks (with the ``kernels``
+    package), and otherwise warns, at any dtype but fp32, about a packed path it does not take.
+    LoRA wraps ``nn.Linear`` layers, so ask for them; one without ``GgufConfig`` always unpacks.
     """
     try:
         from transformers import GgufConfig

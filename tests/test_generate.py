@@ -2,6 +2,7 @@
 
 import math
 from argparse import Namespace
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ from transformers import (
 from eval.cli import load_model_and_adapter
 from eval.generate import (
     NOVEL_INSTRUCTIONS,
+    Sampling,
+    StopOnText,
     apply_temperature,
     format_prompt,
     forward_with_cache,
@@ -139,9 +142,9 @@ def test_samples_come_only_from_the_tokens_the_filters_keep():
 
 def test_same_seed_gives_the_same_tokens_and_another_seed_others(tiny):
     prompt = token_batch(tiny, batch=1, length=6).repeat(4, 1)  # K = 4 samples of one prompt
-    settings = dict(max_new_tokens=20, temperature=1.0, top_p=0.95)
-    first, again = generate(tiny, prompt, seed=0, **settings), generate(tiny, prompt, seed=0, **settings)
-    other = generate(tiny, prompt, seed=1, **settings)
+    sampling = Sampling(temperature=1.0, top_p=0.95, seed=0)
+    first, again = generate(tiny, prompt, 20, sampling=sampling), generate(tiny, prompt, 20, sampling=sampling)
+    other = generate(tiny, prompt, 20, sampling=replace(sampling, seed=1))
     assert_close(again, first, **EXACT)
     assert not torch.equal(other, first)
     assert len({tuple(row) for row in first.tolist()}) == 4  # the K samples differ from each other
@@ -203,7 +206,7 @@ def test_stop_string_ends_a_row_and_the_rest_is_padding():
     stop = tokenizer.decode(free[0, 4:6])  # two characters row 0 writes at steps 4 and 5
     finished_at = [next((t for t in range(16) if stop in tokenizer.decode(row[:t + 1])), None) for row in free]
     assert finished_at[0] <= 5 and len(set(finished_at)) > 1
-    out = generate(model, ids, max_new_tokens=16, stop_strings=[stop], tokenizer=tokenizer)
+    out = generate(model, ids, max_new_tokens=16, stop=StopOnText(tokenizer, stop_strings=[stop]))
     assert_close(out, cut_at_first(free, finished_at, tokenizer.pad_token_id), **EXACT)
 
 
@@ -262,10 +265,10 @@ def test_expanded_cache_gives_the_logits_of_the_repeated_prompt(tiny):
 
 def test_samples_per_prompt_repeat_with_their_seed_and_differ_with_another(tiny):
     input_ids, attention_mask = left_pad(prompts_of_lengths(tiny, (6, 4)), TINY_SHAPE["pad_token_id"])
-    settings = dict(max_new_tokens=20, temperature=1.0, top_p=0.95, attention_mask=attention_mask,
-                    samples_per_prompt=3)
-    first, again = generate(tiny, input_ids, seed=0, **settings), generate(tiny, input_ids, seed=0, **settings)
-    other = generate(tiny, input_ids, seed=1, **settings)
+    sampling = Sampling(temperature=1.0, top_p=0.95, seed=0)
+    settings = dict(max_new_tokens=20, attention_mask=attention_mask, samples_per_prompt=3)
+    first, again = (generate(tiny, input_ids, sampling=sampling, **settings) for _ in range(2))
+    other = generate(tiny, input_ids, sampling=replace(sampling, seed=1), **settings)
     assert_close(again, first, **EXACT)
     assert not torch.equal(other, first)
     assert len({tuple(row) for row in first.tolist()}) == 6  # the samples differ, within a prompt and across
@@ -278,30 +281,39 @@ def test_stop_when_ends_each_row_at_its_horizon_and_the_batch_when_every_row_is_
     # This model writes "Q" often: a row's horizon is its third "Q", as a forecast's is its horizon-th ";".
     finished_at = [next((t for t in range(32) if tokenizer.decode(row[:t + 1]).count("Q") >= 3), None) for row in free]
     assert None not in finished_at and len(set(finished_at)) == 3 and max(finished_at) < 31
-    out = generate(model, input_ids, max_new_tokens=32, attention_mask=attention_mask, tokenizer=tokenizer,
-                   stop_when=lambda text: text.count("Q") >= 3)
+    out = generate(model, input_ids, max_new_tokens=32, attention_mask=attention_mask,
+                   stop=StopOnText(tokenizer, stop_when=lambda text: text.count("Q") >= 3))
     assert_close(out, cut_at_first(free, finished_at, tokenizer.pad_token_id), **EXACT)  # ends at the last row's end
 
 
 @pytest.mark.parametrize(
     "settings, message",
-    [
-        (dict(temperature=-0.1), r"temperature must be >= 0 \(0 means greedy\), got -0.1"),
-        (dict(temperature=math.nan), "temperature must be >= 0"),
-        (dict(top_p=0.0), r"top_p must be in \(0, 1\] \(1.0 keeps every token\), got 0.0"),
-        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-        (dict(top_k=-1), r"top_k must be an integer >= 0 \(0 keeps every token\), got -1"),
-        (dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
-        (dict(stop_strings=["\n"]), "stop_strings need the tokenizer, to decode the new tokens; pass tokenizer="),
-        (dict(stop_strings="\n", tokenizer=char_tokenizer()), "stop_strings must be a list of strings"),
-        (dict(stop_when=str.isdigit), "stop_when needs the tokenizer, to decode the new tokens; pass tokenizer="),
-        (dict(samples_per_prompt=0), "samples_per_prompt must be an integer >= 1, got 0"),
+    [  # each a function: Sampling and StopOnText raise when they are made, inside pytest.raises
+        (lambda: dict(sampling=Sampling(temperature=-0.1)), r"temperature must be >= 0 \(0 means greedy\), got -0.1"),
+        (lambda: dict(sampling=Sampling(temperature=math.nan)), "temperature must be >= 0"),
+        (lambda: dict(sampling=Sampling(top_p=0.0)), r"top_p must be in \(0, 1\] \(1.0 keeps every token\), got 0.0"),
+        (lambda: dict(sampling=Sampling(top_p=1.5)), r"top_p must be in \(0, 1\]"),
+        (lambda: dict(sampling=Sampling(top_k=-1)), r"top_k must be an integer >= 0 \(0 keeps every token\), got -1"),
+        (lambda: dict(max_new_tokens=0), "max_new_tokens must be an integer >= 1, got 0"),
+        (lambda: dict(stop=StopOnText(stop_strings=["\n"])),
+         "stop_strings need the tokenizer, to decode the new tokens; pass tokenizer="),
+        (lambda: dict(stop=StopOnText(char_tokenizer(), stop_strings="\n")), "stop_strings must be a list of strings"),
+        (lambda: dict(stop=StopOnText(stop_when=str.isdigit)),
+         "stop_when needs the tokenizer, to decode the new tokens; pass tokenizer="),
+        (lambda: dict(samples_per_prompt=0), "samples_per_prompt must be an integer >= 1, got 0"),
     ],
 )
 def test_bad_settings_raise_a_one_line_error(settings, message):
     model = tiny_model("tiny-llama")
     with pytest.raises(ValueError, match=message) as error:
-        generate(model, token_batch(model), **{"max_new_tokens": 4, **settings})
+        generate(model, token_batch(model), **{"max_new_tokens": 4, **settings()})
+    assert "\n" not in str(error.value)
+
+
+def test_sampling_given_as_a_bare_number_is_a_one_line_type_error_naming_sampling():
+    model = tiny_model("tiny-llama")
+    with pytest.raises(TypeError, match=r"^sampling must be a Sampling, got 0.7; write Sampling\(") as error:
+        generate(model, token_batch(model), 4, 0.7)
     assert "\n" not in str(error.value)
 
 

@@ -236,8 +236,8 @@ def accumulate_gradients(model, micro_batches: list[dict], precision: Precision,
     The loss is the mean over every labelled token of the step, wherever it sits: each micro-batch
     adds its summed token loss divided by the label tokens of the *whole step*, all micro-batches
     of all ranks (an all-reduce counts them). Dividing each micro-batch's own mean by their
-    number instead would weigh a micro-batch of 3 answer tokens as much as one of 300 (the bug
-    transformers fixed in 2024 with ``num_items_in_batch``). DDP and FSDP2 then *average* the
+    number instead would weigh a micro-batch of 3 answer tokens as much as one of 300 (transformers'
+    Trainer passes its loss ``num_items_in_batch`` for the same reason). DDP and FSDP2 then *average* the
     ranks' gradients; dividing by ``tokens / world.size`` instead of ``tokens`` turns their
     average into the sum the mean needs (torchtune does the same). The loss returned is the
     whole step's, the same on every rank.
