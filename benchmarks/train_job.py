@@ -1,12 +1,12 @@
-"""The default training job, three ways: this loop as it was, this loop as it is, and peft as a user would run it.
+"""The default training job three ways: the loop without its speed-ups, as written, and peft as a user runs it.
 
 The same short job (the default settings' model, data and batches; the first ``--steps``
 optimizer steps) runs three ways, a step of each in turn, so a slow minute on a shared machine
 slows them all alike:
 
-- before: the loop as it was until issue 14: the frozen base in fp32, cast to bf16 by autocast
-  at every matmul, and the loss from the whole batch's fp32 logits;
-- now: the loop as it is (``training/loop.py``): the frozen base held in bf16, A and B in fp32,
+- before: the loop without its speed-ups, the baseline they are measured against: the frozen base
+  in fp32, cast to bf16 by autocast at every matmul, and the loss from the whole batch's fp32 logits;
+- now: the loop as written (``training/loop.py``): the frozen base held in bf16, A and B in fp32,
   autocast on, the loss a chunk of tokens at a time (``models/loss.py``);
 - peft-bf16: what a user would pick instead: Hugging Face peft on the model loaded in bf16 (the
   usual choice), its default fp32 adapters (``autocast_adapter_dtype``), bf16 autocast, and a
