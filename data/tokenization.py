@@ -48,6 +48,12 @@ def tokenize_example(example: dict, tokenizer, max_length: int = 512) -> dict | 
     # the response gets none, since it continues the same sequence.
     prompt = tokenizer(format_prompt(example))["input_ids"]
     response = tokenizer(example["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return masked_prompt(prompt, response, max_length)
+
+
+def masked_prompt(prompt: list[int], response: list[int], max_length: int) -> dict | None:
+    """``prompt + response`` cut to ``max_length`` from the response's end, with labels -100 on the prompt;
+    None when the prompt leaves no room for a response token."""
     if len(prompt) >= max_length:
         return None
     response = response[: max_length - len(prompt)]
@@ -62,10 +68,21 @@ def tokenize_example(example: dict, tokenizer, max_length: int = 512) -> dict | 
 def tokenize_examples(examples: list[dict], tokenizer, max_length: int = 512) -> tuple[list[dict], int]:
     """``tokenize_example`` on each example; return the tokenized ones and how many were skipped (too long).
 
+    The same results, from two tokenizer calls on the whole list (every prompt, every output)
+    rather than two per example: the tokenizer's batch call runs in its Rust core, and for the
+    12,000 records of the instruct task's train and validation parts it is many times faster.
+
     Raises:
         ValueError: ``max_length < 2``, or the tokenizer has no EOS token.
     """
     check_max_length(max_length)
-    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so the model learns where to stop")
+    if not examples:
+        return [], 0
+    prompts = tokenizer([format_prompt(example) for example in examples])["input_ids"]
+    responses = tokenizer([example["output"] for example in examples], add_special_tokens=False)["input_ids"]
+    tokenized = [masked_prompt(prompt, response + [tokenizer.eos_token_id], max_length)
+                 for prompt, response in zip(prompts, responses)]
     kept = [item for item in tokenized if item is not None]
     return kept, len(tokenized) - len(kept)

@@ -93,6 +93,18 @@ def test_tokenize_examples_counts_the_skipped_ones(chars):
     assert kept == [tokenize_example(WITH_INPUT, chars, max_length), tokenize_example(WITHOUT_INPUT, chars, max_length)]
 
 
+def test_tokenize_examples_equals_tokenize_example_on_each(chars):
+    """Two batched tokenizer calls give what one example at a time gives, cut and skipped ones included."""
+    examples = generate_tasks(300, seed=2)
+    median_prompt = sorted(len(chars(format_prompt(example))["input_ids"]) for example in examples)[150]
+    for max_length in (median_prompt + 3, 4096):  # about half skipped and some cut; then every one whole
+        one_by_one = [tokenize_example(example, chars, max_length) for example in examples]
+        kept, skipped = tokenize_examples(examples, chars, max_length)
+        assert kept == [item for item in one_by_one if item is not None]
+        assert skipped == one_by_one.count(None)
+    assert skipped == 0
+
+
 @pytest.mark.parametrize("max_length", [1, 0, -5])
 def test_max_length_below_two_is_an_error(chars, max_length):
     with pytest.raises(ValueError, match=f"max_length must be at least 2.*got {max_length}"):
@@ -117,7 +129,9 @@ def test_bpe_mask_boundary_is_exactly_the_prompt():
     spaced = dict(WITHOUT_INPUT, output="  7")
     joined = tokenizer(format_prompt(spaced) + spaced["output"])["input_ids"]
     assert joined != tokenize_example(spaced, tokenizer)["input_ids"][:-1]  # so a joined mask could not be exact
-    for example in [WITH_INPUT, WITHOUT_INPUT, spaced, *generate_tasks(16)]:
+    examples = [WITH_INPUT, WITHOUT_INPUT, spaced, *generate_tasks(16)]
+    assert tokenize_examples(examples, tokenizer)[0] == [tokenize_example(example, tokenizer) for example in examples]
+    for example in examples:
         item = tokenize_example(example, tokenizer)
         prompt_ids = [t for t, label in zip(item["input_ids"], item["labels"]) if label == -100]
         response_ids = [label for label in item["labels"] if label != -100]
