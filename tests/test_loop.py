@@ -46,6 +46,19 @@ def metrics(run: Path, key: str) -> dict[int, float]:
     return {record["step"]: record[key] for record in records if key in record}
 
 
+# One tiny run, 4 steps validated and checkpointed every 2, serves the tests that only read what a run
+# writes: its files, its plot, its checkpoint's format, its FLOPs and its config.json.
+PLAIN = ("--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2")
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    """The folder of one run with ``PLAIN``'s settings; the tests that take it must not change it."""
+    out = tmp_path_factory.mktemp("plain")
+    assert main(run_args(out, *PLAIN)) == 0
+    return out / "run"
+
+
 # --- The schedule ------------------------------------------------------------------------------------------------
 
 
@@ -82,10 +95,9 @@ def test_config_file_loads_and_flags_override_it(tmp_path):
     assert (config.r, config.lr, config.task) == (4, 5e-4, "instruct")
 
 
-def test_a_runs_config_json_repeats_the_run(tmp_path):
-    assert main(run_args(tmp_path, "--max-steps", "3", "--eval-every", "3")) == 0
-    config, _ = parse_config(["--config", str(tmp_path / "run" / "config.json")])
-    assert config == parse_config(run_args(tmp_path, "--max-steps", "3", "--eval-every", "3"))[0]
+def test_a_runs_config_json_repeats_the_run(plain_run):
+    config, _ = parse_config(["--config", str(plain_run / "config.json")])
+    assert config == parse_config(run_args(plain_run.parent, *PLAIN))[0]
 
 
 @pytest.mark.parametrize(
@@ -161,9 +173,8 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, capsys):
 # --- What a run does and writes ----------------------------------------------------------------------------------
 
 
-def test_run_writes_config_metrics_adapter_checkpoint_and_plot(tmp_path):
-    assert main(run_args(tmp_path, "--max-steps", "4", "--eval-every", "2", "--checkpoint-every", "2")) == 0
-    run = tmp_path / "run"
+def test_run_writes_config_metrics_adapter_checkpoint_and_plot(plain_run):
+    run = plain_run
     assert {path.name for path in run.iterdir()} >= {"config.json", "metrics.jsonl", "checkpoint.safetensors",
                                                        "adapter"}
     assert sorted(metrics(run, "loss")) == [1, 2, 3, 4]
@@ -173,10 +184,9 @@ def test_run_writes_config_metrics_adapter_checkpoint_and_plot(tmp_path):
     assert len(list(lora_layers(model))) == 4
 
 
-def test_loss_curve_is_drawn_when_matplotlib_is_there(tmp_path):
+def test_loss_curve_is_drawn_when_matplotlib_is_there(plain_run):
     pytest.importorskip("matplotlib")
-    assert main(run_args(tmp_path, "--max-steps", "2", "--eval-every", "2")) == 0
-    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (plain_run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_validation_loss_falls_on_the_tiny_model(tmp_path):
@@ -355,9 +365,8 @@ def test_checkpoint_restores_weights_optimizer_and_random_state(tmp_path):
         assert_close(value, moments[key], rtol=0, atol=0)
 
 
-def test_checkpoint_is_safetensors_with_no_pickle(tmp_path):
-    assert main(run_args(tmp_path, "--max-steps", "2", "--checkpoint-every", "1")) == 0
-    tensors = load_file(tmp_path / "run" / "checkpoint.safetensors")  # raises on anything but safetensors
+def test_checkpoint_is_safetensors_with_no_pickle(plain_run):
+    tensors = load_file(plain_run / "checkpoint.safetensors")  # raises on anything but safetensors
     assert any(key.endswith("lora_A.weight") for key in tensors)
     assert any(key.startswith("optimizer.") for key in tensors)
 
@@ -572,14 +581,13 @@ def test_without_matplotlib_the_run_says_so_in_one_line(tmp_path, monkeypatch, c
     assert not (tmp_path / "run" / "loss.png").exists()
 
 
-def test_metrics_log_cumulative_training_flops(tmp_path):
+def test_metrics_log_cumulative_training_flops(plain_run):
     from eval.flops import flops_of_model
 
-    assert main(run_args(tmp_path, "--max-steps", "3")) == 0
     model = tiny_model("tiny-llama")
     inject_lora(model)
     per_step = 4 * flops_of_model(model, 64).total  # batch 4 windows of 64 tokens each step
-    assert metrics(tmp_path / "run", "flops") == {1: per_step, 2: 2 * per_step, 3: 3 * per_step}
+    assert metrics(plain_run, "flops") == {step: step * per_step for step in (1, 2, 3, 4)}
 
 
 def test_use_rslora_trains_with_alpha_over_sqrt_r_and_its_adapter_says_so(tmp_path):
