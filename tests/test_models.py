@@ -7,7 +7,8 @@ import torch
 from torch.testing import assert_close
 
 from models import loader as models
-from models.loader import TINY_SHAPE, char_tokenizer, load_config, load_model, tiny_model
+from models.loader import (TINY_SHAPE, char_tokenizer, embedded_tokenizer, load_config, load_model, load_tokenizer,
+                           tiny_model)
 
 
 @pytest.mark.parametrize("name", ["tiny-qwen2", "tiny-llama"])
@@ -69,3 +70,15 @@ def test_load_config_gives_the_models_shape_without_its_weights(name):
     config, model = load_config(name), tiny_model(name)
     for key in (*TINY_SHAPE, "tie_word_embeddings", "model_type"):
         assert getattr(config, key) == getattr(model.config, key), key
+
+
+@pytest.mark.slow
+def test_each_embedded_tokenizer_is_its_own_copy_of_one_built_once():
+    """``load_tokenizer`` builds SmolLM2's tokenizer from the GGUF file once and hands out copies: equal in
+    what they encode, and a pad token set on one is not set on the other."""
+    first, second = load_tokenizer(), load_tokenizer()
+    assert first is not second
+    text = "0.52,0.31;0.55,0.30 and some English"
+    assert first(text).input_ids == second(text).input_ids == embedded_tokenizer()(text).input_ids
+    first.add_special_tokens({"pad_token": "<pad-for-this-test>"})
+    assert second.pad_token != "<pad-for-this-test>" and embedded_tokenizer().pad_token != "<pad-for-this-test>"
