@@ -15,6 +15,12 @@ def check_max_length(max_length: int) -> None:
         raise ValueError(f"max_length must be at least 2 (one prompt token and one response token), got {max_length}")
 
 
+def check_eos(tokenizer) -> None:
+    """Raise ValueError unless ``tokenizer`` has the EOS token every tokenized example ends with."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so the model learns where to stop")
+
+
 def tokenize_example(example: dict, tokenizer, max_length: int = 512) -> dict | None:
     """Token ids of prompt + output + EOS, with labels -100 on the prompt; None if the prompt alone is too long.
 
@@ -36,8 +42,7 @@ def tokenize_example(example: dict, tokenizer, max_length: int = 512) -> dict | 
         ValueError: ``max_length < 2``, or the tokenizer has no EOS token.
     """
     check_max_length(max_length)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so the model learns where to stop")
+    check_eos(tokenizer)
     # Prompt and response are tokenized apart and concatenated. Tokenizing the joined string
     # can merge characters across the boundary into one token (SmolLM2's BPE makes one token
     # of the prompt's last "\n" and a space that starts the answer), and that token would be
@@ -76,8 +81,7 @@ def tokenize_examples(examples: list[dict], tokenizer, max_length: int = 512) ->
         ValueError: ``max_length < 2``, or the tokenizer has no EOS token.
     """
     check_max_length(max_length)
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no eos_token; set tokenizer.eos_token so the model learns where to stop")
+    check_eos(tokenizer)
     if not examples:
         return [], 0
     prompts = tokenizer([format_prompt(example) for example in examples])["input_ids"]

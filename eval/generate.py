@@ -260,9 +260,9 @@ class StopOnText:
         return any(stop in text for stop in self.stop_strings) or (self.stop_when is not None and self.stop_when(text))
 
 
-def check_generation(max_new_tokens, samples_per_prompt=1, sampling=None) -> None:
+def check_generation(max_new_tokens, samples_per_prompt=1, sampling=GREEDY) -> None:
     """The checks ``generate`` makes of its own arguments (``Sampling`` and ``StopOnText`` check theirs when made)."""
-    if sampling is not None and not isinstance(sampling, Sampling):
+    if not isinstance(sampling, Sampling):
         raise TypeError(f"sampling must be a Sampling, got {sampling!r}; write Sampling(temperature=..., top_p=...)")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
